@@ -1,0 +1,1 @@
+"""Paired-MNIST comparison study: data draws, models, training and evaluation."""

@@ -1,0 +1,147 @@
+"""Per-model training and evaluation, as in the study (SGD, cross-entropy, mini-batches)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from digitpairs.models import ARCHS, weight_names
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation hyper-parameters of one training. ``w2``/``w10`` matter for siamese only."""
+
+    lr: float = 0.1
+    epochs: int = 25
+    batch_size: int = 100
+    shuffle: bool = True  # the original did not shuffle; we reshuffle every epoch, seeded
+    w2: float = 1.0
+    w10: float = 0.0
+
+
+@dataclass
+class TrainResult:
+    """What a training leaves besides the weights: per-epoch loss and per-step gradient norms."""
+
+    epoch_loss: list[float]
+    grad_names: list[str] = field(default_factory=list)
+    grad_norms: torch.Tensor | None = None  # [steps, len(grad_names)], float32
+
+
+def check_hparams(arch: str, cfg: TrainConfig, n_train: int) -> None:
+    """Raise a ``ValueError`` naming the bad hyper-parameter, before any work is done."""
+    if arch not in ARCHS:
+        raise ValueError(f"unknown architecture {arch!r}; choose one of {ARCHS}.")
+    if not cfg.lr > 0:
+        raise ValueError(f"lr must be > 0, got {cfg.lr!r}.")
+    if int(cfg.epochs) < 1:
+        raise ValueError(f"epochs must be >= 1, got {cfg.epochs!r}.")
+    if not 1 <= int(cfg.batch_size) <= n_train:
+        raise ValueError(f"batch_size must be between 1 and the {n_train} training pairs, got {cfg.batch_size!r}.")
+    if arch == "siamese":
+        if cfg.w2 < 0 or cfg.w10 < 0:
+            raise ValueError(f"loss weights must be >= 0, got (w2, w10) = ({cfg.w2}, {cfg.w10}).")
+        if cfg.w2 == 0 and cfg.w10 == 0:
+            raise ValueError("loss weights (w2, w10) are both 0: nothing would be trained; make one positive.")
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` picks CUDA when present; asking for an absent CUDA is an error, not a silent CPU run."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' was requested but no CUDA GPU is available; use 'auto' or 'cpu'.")
+    if name not in ("cpu", "cuda"):
+        raise ValueError(f"unknown device {name!r}; choose auto, cpu or cuda.")
+    return torch.device(name)
+
+
+def loss_fn(arch: str, out, target: torch.Tensor, classes: torch.Tensor, w2: float, w10: float) -> torch.Tensor:
+    """Cross-entropy; siamese: ``w2 * CE(comparison) + w10 * (CE(digit 1) + CE(digit 2))``."""
+    if arch == "pair":
+        return F.cross_entropy(out, target)
+    cmp, digits = out
+    aux = F.cross_entropy(digits.reshape(-1, 10), classes.reshape(-1), reduction="sum") / len(target)
+    return w2 * F.cross_entropy(cmp, target) + w10 * aux
+
+
+def epoch_order(n: int, shuffle: bool, g: torch.Generator) -> torch.Tensor:
+    """Sample order of one epoch: a fresh permutation from ``g`` or, like the original, 0..n-1."""
+    return torch.randperm(n, generator=g) if shuffle else torch.arange(n)
+
+
+def train(
+    model: nn.Module,
+    arch: str,
+    inputs: torch.Tensor,
+    target: torch.Tensor,
+    classes: torch.Tensor,
+    cfg: TrainConfig,
+    g: torch.Generator,
+    record_grad_norms: bool = False,
+) -> TrainResult:
+    """Train ``model`` in place on the device its parameters live on; data is moved there once."""
+    check_hparams(arch, cfg, len(inputs))
+    device = next(model.parameters()).device
+    inputs, target, classes = inputs.to(device), target.to(device), classes.to(device)
+    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr)
+    names = weight_names(model)
+    params = dict(model.named_parameters())
+    weights = [params[n] for n in names]
+    n, bs = len(inputs), int(cfg.batch_size)
+    steps_per_epoch = (n + bs - 1) // bs
+    norms = torch.zeros(cfg.epochs * steps_per_epoch, len(names), device=device) if record_grad_norms else None
+    epoch_loss = []
+    model.train()
+    step = 0
+    for _ in range(cfg.epochs):
+        order = epoch_order(n, cfg.shuffle, g).to(device)
+        total = torch.zeros((), device=device)
+        for start in range(0, n, bs):
+            idx = order[start : start + bs]
+            loss = loss_fn(arch, model(inputs[idx]), target[idx], classes[idx], cfg.w2, cfg.w10)
+            opt.zero_grad(set_to_none=False)
+            loss.backward()
+            if norms is not None:
+                norms[step] = torch.stack(torch._foreach_norm([w.grad for w in weights]))
+            opt.step()
+            total += loss.detach() * len(idx)
+            step += 1
+        epoch_loss.append(float(total) / n)
+    return TrainResult(epoch_loss, names, norms.cpu() if norms is not None else None)
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module, arch: str, inputs: torch.Tensor, target: torch.Tensor, classes: torch.Tensor
+) -> dict[str, float]:
+    """Accuracies of a model in eval mode.
+
+    pair: ``accuracy``. siamese: ``comparison_accuracy`` (the 2-way head),
+    ``digit_comparison_accuracy`` (argmax d1 <= argmax d2) and ``digit_accuracy``.
+    """
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    out = model(inputs.to(device))
+    target, classes = target.to(device), classes.to(device)
+    model.train(was_training)
+    if arch == "pair":
+        return {"accuracy": (out.argmax(1) == target).float().mean().item()}
+    return siamese_scores(out[0], out[1], target, classes)
+
+
+def siamese_scores(
+    cmp: torch.Tensor, digits: torch.Tensor, target: torch.Tensor, classes: torch.Tensor
+) -> dict[str, float]:
+    """The three siamese accuracies from comparison logits ``[n, 2]`` and digit logits ``[n, 2, 10]``."""
+    pred = digits.argmax(-1)
+    return {
+        "comparison_accuracy": (cmp.argmax(-1) == target).float().mean().item(),
+        "digit_comparison_accuracy": ((pred[:, 0] <= pred[:, 1]).long() == target).float().mean().item(),
+        "digit_accuracy": (pred == classes).float().mean().item(),
+    }

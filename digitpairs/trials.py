@@ -1,0 +1,93 @@
+"""One trial = one model variant trained on one draw; the unit every stage and executor runs."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, astuple, dataclass
+
+import torch
+from torch import nn
+
+from digitpairs.models import ModelConfig, build_model
+from digitpairs.pairs import Draw, split
+from digitpairs.seeding import generator
+from digitpairs.train import TrainConfig, TrainResult, evaluate, train
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A reported model variant: an architecture, its loss weights and the accuracy that scores it."""
+
+    name: str
+    arch: str
+    w2: float
+    w10: float
+    metric: str
+
+
+VARIANTS = {
+    v.name: v
+    for v in (
+        Variant("pair", "pair", 1.0, 0.0, "accuracy"),
+        Variant("siamese-2", "siamese", 1.0, 10**-0.5, "comparison_accuracy"),
+        Variant("siamese-10", "siamese", 0.0, 1.0, "digit_comparison_accuracy"),
+    )
+}
+
+
+def variants_of(arch: str) -> list[Variant]:
+    """The variants trained with architecture ``arch`` (pair: one; siamese: two)."""
+    return [v for v in VARIANTS.values() if v.arch == arch]
+
+
+@dataclass(frozen=True)
+class Trial:
+    """Everything that determines one training's result."""
+
+    variant: str
+    model: ModelConfig
+    train: TrainConfig
+    draw: int
+    seed: int
+
+    def init_generator(self) -> torch.Generator:
+        """Initial weights depend on seed, draw and architecture only: trials that differ by lr or
+        loss weights start from the same weights, which makes their comparison less noisy."""
+        return generator(self.seed, "init", self.draw, astuple(self.model))
+
+    def shuffle_generator(self) -> torch.Generator:
+        """Mini-batch order depends on seed and draw only (common random numbers across configs)."""
+        return generator(self.seed, "shuffle", self.draw)
+
+    def key(self) -> str:
+        """Stable hash of the full configuration (for checkpoints and resumption)."""
+        blob = json.dumps(asdict(self), sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def make_trial(variant: str, widths: dict, train_cfg: TrainConfig, draw: int, seed: int) -> Trial:
+    """A trial of ``variant``, with the variant's loss weights (the loss-weight sweep overrides them
+    with ``dataclasses.replace``)."""
+    v = VARIANTS[variant]
+    cfg = TrainConfig(**{**asdict(train_cfg), "w2": v.w2, "w10": v.w10})
+    return Trial(variant, ModelConfig(arch=v.arch, **widths), cfg, draw, seed)
+
+
+def run_trial(
+    trial: Trial,
+    draw: Draw,
+    device: torch.device | str = "cpu",
+    record_grad_norms: bool = False,
+) -> tuple[nn.Module, TrainResult, dict[str, dict[str, float]]]:
+    """Build, train and score one trial; scores are per split (``val``, ``test``)."""
+    model = build_model(trial.model, trial.init_generator()).to(device)
+    x, t, c = split(draw, "train")
+    result = train(model, trial.model.arch, x, t, c, trial.train, trial.shuffle_generator(), record_grad_norms)
+    scores = {s: evaluate(model, trial.model.arch, *split(draw, s)) for s in ("val", "test")}
+    return model, result, scores
+
+
+def variant_score(variant: str, scores: dict[str, float]) -> float:
+    """The accuracy that the study reports for ``variant`` from an ``evaluate`` result."""
+    return scores[VARIANTS[variant].metric]

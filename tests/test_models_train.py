@@ -1,0 +1,165 @@
+"""Models, training hyper-parameter checks, gradient-norm records, evaluation."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+from digitpairs.models import ModelConfig, build_model, load_model, save_model, weight_names
+from digitpairs.pairs import split
+from digitpairs.seeding import generator
+from digitpairs.train import TrainConfig, check_hparams, evaluate, resolve_device, train
+from digitpairs.trials import VARIANTS, make_trial, run_trial, variant_score
+
+SMALL = dict(nbch1=8, nbch2=8, nbfch=16)
+
+
+@pytest.mark.parametrize("arch", ["pair", "siamese"])
+@pytest.mark.parametrize("bn", [False, True])
+@pytest.mark.parametrize("skip", [False, True])
+def test_output_shapes_and_weight_order(arch, bn, skip):
+    cfg = ModelConfig(arch, **SMALL, batch_norm=bn, skip_connections=skip)
+    model = build_model(cfg, generator(0))
+    out = model(torch.randn(5, 2, 14, 14))
+    if arch == "pair":
+        assert out.shape == (5, 2)
+    else:
+        assert out[0].shape == (5, 2) and out[1].shape == (5, 2, 10)
+    names = [
+        "branch.conv1.weight",
+        "branch.skip1.weight",
+        "branch.conv2.weight",
+        "branch.skip2.weight",
+        "branch.fc1.weight",
+        "branch.fc2.weight",
+    ] + (["compare.weight"] if arch == "siamese" else [])
+    if not skip:
+        names = [n for n in names if "skip" not in n]
+    assert weight_names(model) == names
+
+
+def test_skip_layer_sizes():
+    pair = build_model(ModelConfig("pair", nbch1=4, nbch2=5, nbfch=6), generator(0))
+    siam = build_model(ModelConfig("siamese", nbch1=4, nbch2=5, nbfch=6), generator(0))
+    assert pair.branch.skip1.weight.shape == (4 * 36, 392) and pair.branch.skip2.weight.shape == (5, 392)
+    assert siam.branch.skip1.weight.shape == (4 * 36, 196) and siam.compare.weight.shape == (2, 20)
+
+
+def test_init_is_keyed_by_generator_only():
+    cfg = ModelConfig("siamese", **SMALL)
+    torch.manual_seed(123)
+    a = build_model(cfg, generator(7)).state_dict()
+    torch.manual_seed(456)
+    b = build_model(cfg, generator(7)).state_dict()
+    c = build_model(cfg, generator(8)).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not torch.equal(a["branch.conv1.weight"], c["branch.conv1.weight"])
+
+
+def test_relu_logits_flag():
+    x = torch.randn(50, 2, 14, 14)
+    for arch in ("pair", "siamese"):
+        out = build_model(ModelConfig(arch, **SMALL, relu_logits=True), generator(0)).eval()(x)
+        outs = out if isinstance(out, tuple) else (out,)
+        assert all((o >= 0).all() for o in outs)
+        plain = build_model(ModelConfig(arch, **SMALL), generator(0)).eval()(x)
+        plain = plain if isinstance(plain, tuple) else (plain,)
+        assert any((o < 0).any() for o in plain)
+
+
+def test_save_load_roundtrip(tmp_path, draw0):
+    trial = make_trial("siamese-10", SMALL, TrainConfig(lr=0.1, epochs=1), draw=0, seed=1)
+    model, _, scores = run_trial(trial, draw0)
+    save_model(model, trial.model, tmp_path / "m")
+    assert "pickle" not in (tmp_path / "m.json").read_text()
+    loaded, cfg = load_model(tmp_path / "m")
+    assert cfg == trial.model
+    x = draw0["test_input"][:64]
+    model.eval()
+    assert all(torch.equal(a, b) for a, b in zip(model(x), loaded(x), strict=True))
+    assert evaluate(loaded, "siamese", *split(draw0, "test")) == scores["test"]
+
+
+@pytest.mark.parametrize("arch", ["pair", "siamese"])
+def test_grad_norm_records(draw0, arch):
+    model = build_model(ModelConfig(arch, **SMALL), generator(0))
+    x, t, c = split(draw0, "train")
+    res = train(model, arch, x, t, c, TrainConfig(lr=0.1, epochs=2, batch_size=300), generator(1), True)
+    assert res.grad_names == weight_names(model)
+    assert res.grad_norms.shape == (2 * 4, len(res.grad_names))  # ceil(1000/300) = 4 steps an epoch
+    assert (res.grad_norms > 0).all() and torch.isfinite(res.grad_norms).all()
+    assert len(res.epoch_loss) == 2
+
+
+def test_training_is_deterministic_and_shuffle_matters(draw0):
+    runs = []
+    for shuffle in (True, True, False):
+        trial = make_trial("pair", SMALL, TrainConfig(lr=0.1, epochs=2, shuffle=shuffle), draw=0, seed=1)
+        model, res, _ = run_trial(trial, draw0)
+        runs.append(model.state_dict()["branch.fc2.weight"])
+    assert torch.equal(runs[0], runs[1]) and not torch.equal(runs[0], runs[2])
+
+
+@pytest.mark.parametrize(
+    "arch,change,match",
+    [
+        ("pair", dict(lr=0.0), "lr must be > 0"),
+        ("pair", dict(lr=-1.0), "lr must be > 0"),
+        ("pair", dict(batch_size=1001), "batch_size"),
+        ("pair", dict(epochs=0), "epochs"),
+        ("siamese", dict(w2=-1.0), "loss weights must be >= 0"),
+        ("siamese", dict(w2=0.0, w10=0.0), "both 0"),
+        ("resnet", {}, "unknown architecture"),
+    ],
+)
+def test_bad_hparams_raise_before_work(arch, change, match, draw0):
+    cfg = replace(TrainConfig(), **change)
+    with pytest.raises(ValueError, match=match):
+        check_hparams(arch, cfg, 1000)
+    if arch in ("pair", "siamese"):
+        model = build_model(ModelConfig(arch, **SMALL), generator(0))
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        with pytest.raises(ValueError, match=match):
+            train(model, arch, *split(draw0, "train"), cfg, generator(1))
+        assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    else:
+        with pytest.raises(ValueError, match=match):
+            ModelConfig(arch)
+
+
+def test_devices():
+    assert resolve_device("cpu").type == "cpu"
+    assert resolve_device("auto").type in ("cpu", "cuda")
+    with pytest.raises(ValueError, match="unknown device"):
+        resolve_device("tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA"):
+            resolve_device("cuda")
+
+
+def test_siamese_scores_are_consistent(draw0):
+    trial = make_trial("siamese-10", SMALL, TrainConfig(lr=0.1, epochs=2), draw=0, seed=1)
+    _, _, scores = run_trial(trial, draw0)
+    s = scores["test"]
+    assert set(s) == {"comparison_accuracy", "digit_comparison_accuracy", "digit_accuracy"}
+    assert variant_score("siamese-10", s) == s["digit_comparison_accuracy"]
+    assert variant_score("siamese-2", s) == s["comparison_accuracy"]
+    assert VARIANTS["pair"].metric == "accuracy"
+
+
+@pytest.mark.slow
+def test_siamese_auxiliary_only_reaches_95_percent(draw0):
+    """The issue's integration test: widths 32/64/256, BN + skip, lr 0.1, 25 epochs, weights (0, 1)."""
+    trial = make_trial(
+        "siamese-10",
+        dict(nbch1=32, nbch2=64, nbfch=256, batch_norm=True, skip_connections=True),
+        TrainConfig(lr=0.1, epochs=25),
+        draw=0,
+        seed=1,
+    )
+    assert (trial.train.w2, trial.train.w10) == (0.0, 1.0)
+    _, res, scores = run_trial(trial, draw0)
+    assert res.epoch_loss[-1] < res.epoch_loss[0]
+    assert scores["test"]["digit_comparison_accuracy"] >= 0.95, scores
