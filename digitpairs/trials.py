@@ -74,18 +74,35 @@ def make_trial(variant: str, widths: dict, train_cfg: TrainConfig, draw: int, se
     return Trial(variant, ModelConfig(arch=v.arch, **widths), cfg, draw, seed)
 
 
+@dataclass
+class Outcome:
+    """What one finished trial leaves, whichever engine trained it."""
+
+    trial: Trial
+    scores: dict[str, dict[str, float]]  # per split ("val", "test"): evaluate()'s accuracies
+    result: TrainResult | None = None  # epoch losses, gradient norms
+    state: dict[str, torch.Tensor] | None = None  # final state_dict on the CPU
+
+    def model(self) -> nn.Module:
+        """The trained model, rebuilt from ``state``."""
+        net = build_model(self.trial.model, torch.Generator())
+        net.load_state_dict(self.state)
+        return net.eval()
+
+
 def run_trial(
     trial: Trial,
     draw: Draw,
     device: torch.device | str = "cpu",
     record_grad_norms: bool = False,
-) -> tuple[nn.Module, TrainResult, dict[str, dict[str, float]]]:
-    """Build, train and score one trial; scores are per split (``val``, ``test``)."""
+) -> Outcome:
+    """Build, train and score one trial with the per-model loop; scores are per split."""
     model = build_model(trial.model, trial.init_generator()).to(device)
     x, t, c = split(draw, "train")
     result = train(model, trial.model.arch, x, t, c, trial.train, trial.shuffle_generator(), record_grad_norms)
     scores = {s: evaluate(model, trial.model.arch, *split(draw, s)) for s in ("val", "test")}
-    return model, result, scores
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    return Outcome(trial, scores, result, state)
 
 
 def variant_score(variant: str, scores: dict[str, float]) -> float:

@@ -71,13 +71,13 @@ def test_relu_logits_flag():
 
 def test_save_load_roundtrip(tmp_path, draw0):
     trial = make_trial("siamese-10", SMALL, TrainConfig(lr=0.1, epochs=1), draw=0, seed=1)
-    model, _, scores = run_trial(trial, draw0)
+    out = run_trial(trial, draw0)
+    model, scores = out.model(), out.scores
     save_model(model, trial.model, tmp_path / "m")
     assert "pickle" not in (tmp_path / "m.json").read_text()
     loaded, cfg = load_model(tmp_path / "m")
     assert cfg == trial.model
     x = draw0["test_input"][:64]
-    model.eval()
     assert all(torch.equal(a, b) for a, b in zip(model(x), loaded(x), strict=True))
     assert evaluate(loaded, "siamese", *split(draw0, "test")) == scores["test"]
 
@@ -97,8 +97,7 @@ def test_training_is_deterministic_and_shuffle_matters(draw0):
     runs = []
     for shuffle in (True, True, False):
         trial = make_trial("pair", SMALL, TrainConfig(lr=0.1, epochs=2, shuffle=shuffle), draw=0, seed=1)
-        model, res, _ = run_trial(trial, draw0)
-        runs.append(model.state_dict()["branch.fc2.weight"])
+        runs.append(run_trial(trial, draw0).state["branch.fc2.weight"])
     assert torch.equal(runs[0], runs[1]) and not torch.equal(runs[0], runs[2])
 
 
@@ -141,8 +140,7 @@ def test_devices():
 
 def test_siamese_scores_are_consistent(draw0):
     trial = make_trial("siamese-10", SMALL, TrainConfig(lr=0.1, epochs=2), draw=0, seed=1)
-    _, _, scores = run_trial(trial, draw0)
-    s = scores["test"]
+    s = run_trial(trial, draw0).scores["test"]
     assert set(s) == {"comparison_accuracy", "digit_comparison_accuracy", "digit_accuracy"}
     assert variant_score("siamese-10", s) == s["digit_comparison_accuracy"]
     assert variant_score("siamese-2", s) == s["comparison_accuracy"]
@@ -160,6 +158,6 @@ def test_siamese_auxiliary_only_reaches_95_percent(draw0):
         seed=1,
     )
     assert (trial.train.w2, trial.train.w10) == (0.0, 1.0)
-    _, res, scores = run_trial(trial, draw0)
-    assert res.epoch_loss[-1] < res.epoch_loss[0]
-    assert scores["test"]["digit_comparison_accuracy"] >= 0.95, scores
+    out = run_trial(trial, draw0)
+    assert out.result.epoch_loss[-1] < out.result.epoch_loss[0]
+    assert out.scores["test"]["digit_comparison_accuracy"] >= 0.95, out.scores
