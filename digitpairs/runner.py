@@ -111,9 +111,9 @@ class Checkpoint:
         self.done[row["key"]] = row
 
 
-def outcome_row(o: Outcome) -> dict:
+def outcome_row(o: Outcome, key: str) -> dict:
     """A flat record of one outcome's identity and scores (what a checkpoint keeps)."""
-    return {"key": o.trial.key(), "trial": asdict(o.trial), "scores": o.scores}
+    return {"key": key, "trial": asdict(o.trial), "scores": o.scores}
 
 
 def run_trials(
@@ -141,11 +141,19 @@ def run_trials(
     if executor not in EXECUTORS:
         raise ValueError(f"unknown executor {executor!r}; choose one of {EXECUTORS}.")
     ckpt = Checkpoint(checkpoint) if checkpoint else None
+    digests: dict[int, str] = {}
+
+    def ckey(t: Trial) -> str:
+        """A checkpoint entry is valid only for the same trial, data, engine and device."""
+        if t.draw not in digests:
+            digests[t.draw] = sha256(draw_path(Path(pairs_dir), t.draw).read_bytes()).hexdigest()[:16]
+        return f"{t.key()}-{digests[t.draw]}-{engine}-{device}"
+
     by_key: dict[str, Outcome] = {}
     todo = []
     for t in trials:
-        if ckpt and t.key() in ckpt.done:
-            by_key[t.key()] = Outcome(t, ckpt.done[t.key()]["scores"])
+        if ckpt and ckey(t) in ckpt.done:
+            by_key[t.key()] = Outcome(t, ckpt.done[ckey(t)]["scores"])
         else:
             todo.append(t)
     todo = list({t.key(): t for t in todo}.values())  # identical trials train once
@@ -168,7 +176,7 @@ def run_trials(
             for o in outs:
                 by_key[o.trial.key()] = o
                 if ckpt:
-                    ckpt.add(outcome_row(o))
+                    ckpt.add(outcome_row(o, ckey(o.trial)))
             bar.update(len(outs))
     return [by_key[t.key()] for t in trials]
 

@@ -131,7 +131,7 @@ def evaluate(
     target, classes = target.to(device), classes.to(device)
     model.train(was_training)
     if arch == "pair":
-        return {"accuracy": (out.argmax(1) == target).float().mean().item()}
+        return {"accuracy": fraction(out.argmax(1) == target)}
     return siamese_scores(out[0], out[1], target, classes)
 
 
@@ -141,7 +141,12 @@ def siamese_scores(
     """The three siamese accuracies from comparison logits ``[n, 2]`` and digit logits ``[n, 2, 10]``."""
     pred = digits.argmax(-1)
     return {
-        "comparison_accuracy": (cmp.argmax(-1) == target).float().mean().item(),
-        "digit_comparison_accuracy": ((pred[:, 0] <= pred[:, 1]).long() == target).float().mean().item(),
-        "digit_accuracy": (pred == classes).float().mean().item(),
+        "comparison_accuracy": fraction(cmp.argmax(-1) == target),
+        "digit_comparison_accuracy": fraction((pred[:, 0] <= pred[:, 1]).long() == target),
+        "digit_accuracy": fraction(pred == classes),
     }
+
+
+def fraction(correct: torch.Tensor) -> float:
+    """Share of true entries, as an exact count ratio (0.736, not float32's 0.73600000143)."""
+    return int(correct.sum()) / correct.numel()

@@ -1,0 +1,41 @@
+"""Stage evaluate: test accuracy of every trained model; metrics.json with means and 95% CIs."""
+
+import pandas as pd
+import torch
+
+from digitpairs import params
+from digitpairs.io import run_stage, write_csv, write_json
+from digitpairs.models import load_model
+from digitpairs.pairs import draw_path, load_draw, split
+from digitpairs.paths import CONFUSION_CSV, CV_DIR, METRICS_JSON, MODELS_DIR, PAIRS_DIR, TEST_SCORES_CSV
+from digitpairs.study import final_metrics, read_selected
+from digitpairs.train import evaluate
+from digitpairs.trials import VARIANTS, variant_score
+
+
+def main() -> None:
+    p = params.load()
+    rows, confusion = [], []
+    for draw in range(p["data"]["n_draws"]):
+        x, t, c = split(load_draw(draw_path(PAIRS_DIR, draw)), "test")
+        for variant in VARIANTS:
+            model, cfg = load_model(MODELS_DIR / variant / f"draw_{draw:02d}")
+            rows.append(
+                {
+                    "variant": variant,
+                    "draw": draw,
+                    "accuracy": variant_score(variant, evaluate(model, cfg.arch, x, t, c)),
+                }
+            )
+            if variant == "siamese-10":
+                with torch.no_grad():
+                    predicted = model(x)[1].argmax(-1)
+                confusion.append(pd.DataFrame({"actual": c.flatten(), "predicted": predicted.flatten()}))
+    scores = pd.DataFrame(rows)
+    write_csv(scores, TEST_SCORES_CSV)
+    write_csv(pd.concat(confusion, ignore_index=True), CONFUSION_CSV)
+    write_json(final_metrics(scores, read_selected(CV_DIR)), METRICS_JSON)
+
+
+if __name__ == "__main__":
+    run_stage(main)

@@ -1,0 +1,107 @@
+"""The DVC pipeline end to end, in a temporary clone, on real MNIST and tiny params."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pandas as pd
+import pytest
+import yaml
+
+from tests.e2e import clone, dvc, set_params, sh
+
+pytestmark = pytest.mark.slow
+
+STAGES = [
+    "check_params",
+    "mnist",
+    "pairs",
+    "cv@pair",
+    "cv@siamese",
+    "loss_weights",
+    "grad_norms",
+    "train",
+    "evaluate",
+    "figures",
+]
+
+
+def ran(log: str) -> set[str]:
+    return set(re.findall(r"Running stage '([^']+)'", log))
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    repo = clone(tmp_path_factory.mktemp("e2e") / "repo")
+    first = dvc(repo, "repro")
+    return repo, first.stdout + first.stderr
+
+
+def test_repro_runs_every_stage_and_writes_every_output(run):
+    repo, log = run
+    assert ran(log) == set(STAGES), log
+    dvc_yaml = yaml.safe_load((repo / "dvc.yaml").read_text())
+    for name, stage in dvc_yaml["stages"].items():
+        for out in stage.get("outs", []) + stage.get("metrics", []):
+            out = out if isinstance(out, str) else next(iter(out))
+            for arch in ("pair", "siamese"):
+                path = repo / out.replace("${item.arch}", arch)
+                assert path.exists(), f"{name}: {path} missing"
+    metrics = json.loads((repo / "models_out/metrics.json").read_text())
+    assert set(metrics) == {"pair", "siamese-2", "siamese-10"}
+    for m in metrics.values():
+        assert (
+            0.4 < m["accuracy_mean"] <= 1
+            and m["n_draws"] == 2
+            and m["ci95_low"] <= m["accuracy_mean"] <= m["ci95_high"]
+        )
+        assert m["config"]["lr"] in (0.1, 0.5)
+    cv = pd.read_csv(repo / "data/cv/siamese.csv")
+    assert len(cv) == 2 * 2 * 1 and set(cv["variant"]) == {"siamese-2", "siamese-10"}
+    assert len(list((repo / "models_out/models").glob("*/draw_*.safetensors"))) == 3 * 2
+    status = sh(repo, "git", "status", "--porcelain").stdout
+    assert not [
+        line for line in status.splitlines() if "data/" in line and "dvc.lock" not in line and ".gitignore" not in line
+    ]
+
+
+def test_second_repro_does_nothing(run):
+    repo, _ = run
+    log = dvc(repo, "repro").stdout
+    assert ran(log) == set(), log
+    assert "is up to date" in dvc(repo, "status").stdout
+
+
+def test_editing_a_train_value_reruns_only_what_it_invalidates(run):
+    repo, _ = run
+    sh(repo, "git", "add", "-A")
+    sh(repo, "git", "commit", "-qm", "first run")
+    set_params(repo, {"train": {"seed": 7}})
+    status = dvc(repo, "status", "--json").stdout
+    changed = set(json.loads(status))
+    assert {"train"} <= changed and not changed & {
+        "mnist",
+        "pairs",
+        "cv@pair",
+        "cv@siamese",
+        "loss_weights",
+        "grad_norms",
+    }
+    diff = dvc(repo, "params", "diff").stdout
+    assert "train.seed" in diff and "7" in diff
+    log = dvc(repo, "repro").stdout
+    assert {"train", "evaluate"} <= ran(log)
+    assert not ran(log) & {"mnist", "pairs", "cv@pair", "cv@siamese", "loss_weights", "grad_norms"}
+    assert "models_out/metrics.json" in dvc(repo, "metrics", "diff", "--all").stdout
+
+
+def test_bad_param_stops_before_work_and_keeps_outputs(run):
+    repo, _ = run
+    before = (repo / "data/cv/pair.csv").read_bytes()
+    set_params(repo, {"cv": {"lr": [0.1, -1.0]}})
+    cp = dvc(repo, "repro", check=False)
+    assert cp.returncode != 0
+    assert "cv.lr[1] must be > 0" in cp.stdout + cp.stderr
+    assert (repo / "data/cv/pair.csv").read_bytes() == before
+    set_params(repo, {"cv": {"lr": [0.1, 0.5]}})
