@@ -1,0 +1,31 @@
+# Two commands for a fresh machine: `make repro` (the study) and `make test` (the test suite).
+# Both create .venv and install the pinned requirements first.
+
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+export PATH := $(abspath $(VENV))/bin:$(PATH)
+
+.PHONY: install browser repro test lint clean-outputs
+
+$(VENV)/.installed: requirements.txt requirements-dev.txt pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements-dev.txt
+	$(PY) -m pip install -q --no-deps -e .
+	touch $@
+
+install: $(VENV)/.installed
+
+# Debian's Chromium, for the headless-browser test of `dvc plots show` (needs root/apt).
+browser:
+	@command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null)
+
+repro: install
+	dvc repro
+
+lint: install
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+test: install browser lint
+	$(PY) -m pytest -q -rs
