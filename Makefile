@@ -5,7 +5,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: install browser repro test lint clean-outputs
+.PHONY: install browser repro plots test lint
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt pyproject.toml
 	python3 -m venv $(VENV)
@@ -22,6 +22,12 @@ browser:
 
 repro: install
 	dvc repro
+	$(PY) stages/figures.py --vendor-js
+
+# Interactive plots offline: the local Vega bundle, then dvc_plots/index.html.
+plots: install
+	$(PY) stages/figures.py --vendor-js
+	dvc plots show
 
 lint: install
 	$(PY) -m ruff check .

@@ -22,15 +22,17 @@ from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from digitpairs.io import write_csv  # noqa: E402
+from digitpairs.params import GRID_KEYS  # noqa: E402
 from digitpairs.stats import group_error, mean_std  # noqa: E402
+from digitpairs.trials import VARIANTS as ALL_VARIANTS  # noqa: E402
 
-VARIANTS = ("pair", "siamese-2", "siamese-10")
+VARIANTS = tuple(ALL_VARIANTS)
 # Okabe-Ito: distinguishable under the common colour-vision deficiencies.
 OKABE_ITO = ("#000000", "#E69F00", "#56B4E9", "#009E73", "#D55E00", "#0072B2", "#CC79A7", "#F0E442")
 VARIANT_COLORS = {"pair": "#0072B2", "siamese-2": "#E69F00", "siamese-10": "#009E73"}
 VARIANT_HATCH = {"pair": "", "siamese-2": "//", "siamese-10": ".."}  # a second cue besides colour
 
-GRID = ("nbch1", "nbch2", "nbfch", "batch_norm", "skip_connections", "lr")
+GRID = GRID_KEYS
 CV_COLUMNS = ("variant", "arch", *GRID, "draw", "score_on", "score")
 LOSS_COLUMNS = ("exponent", "w2", "w10", "ratio", "draw", "score_on", "score")
 GRAD_COLUMNS = ("variant", "batch_norm", "skip_connections", "step", "depth", "layer", "norm")

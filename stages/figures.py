@@ -7,9 +7,7 @@ project's HTML template (.dvc/plots/index.html) loads, so ``dvc plots show`` ren
 import sys
 from pathlib import Path
 
-import yaml
-
-from digitpairs import figures
+from digitpairs import figures, params
 from digitpairs.io import run_stage
 from digitpairs.paths import PLOTS_DIR
 
@@ -17,9 +15,7 @@ VENDOR_JS = Path(".dvc/plots/vendor/vega-offline.js")
 
 
 def main() -> None:
-    with open("params.yaml") as f:
-        dpi = (yaml.safe_load(f) or {}).get("figures", {}).get("dpi")
-    figures.make_all(Path("."), PLOTS_DIR, dpi)
+    figures.make_all(Path("."), PLOTS_DIR, params.load()["figures"]["dpi"])
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ from xml.etree import ElementTree
 
 import pandas as pd
 import pytest
+import yaml
 from PIL import Image, ImageStat
 
 from digitpairs import figures
@@ -116,6 +117,13 @@ def write_inputs(root: Path, n_steps: int = 30) -> None:
     )
 
 
+def write_params(root: Path) -> None:
+    """The project's params.yaml with a small dpi (the stage validates the whole file)."""
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["figures"]["dpi"] = 60
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+
+
 def run_stage(root: Path) -> subprocess.CompletedProcess:
     """The real stage script, in ``root`` (a folder holding params.yaml and the inputs)."""
     env = {**os.environ, "PYTHONPATH": str(REPO)}
@@ -133,7 +141,7 @@ def run_stage(root: Path) -> subprocess.CompletedProcess:
 def made(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("figs")
     write_inputs(root)
-    (root / "params.yaml").write_text("figures:\n  dpi: 60\n")
+    write_params(root)
     r = run_stage(root)
     assert r.returncode == 0, r.stderr
     return root
@@ -268,7 +276,7 @@ def test_bad_input_names_file_and_column_and_draws_nothing(case: str, tmp_path: 
 
 def test_stage_exit_code_and_one_line_error(tmp_path: Path):
     write_inputs(tmp_path, n_steps=3)
-    (tmp_path / "params.yaml").write_text("figures:\n  dpi: 60\n")
+    write_params(tmp_path)
     _break(tmp_path, "data/cv/siamese.csv", "drop:score")
     r = run_stage(tmp_path)
     assert r.returncode != 0
