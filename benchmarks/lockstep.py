@@ -1,0 +1,145 @@
+"""Benchmark: per-model loop vs lockstep engine on a set of trainings spanning the study's grid.
+
+Both engines run the same trainings through ``digitpairs.runner.run_trials`` in one process tree on
+this machine, each with both ways of using the cores (1 process x all threads, or one 1-thread
+process per core); the faster of the two is reported for each engine, so the loop baseline is fair.
+FLOPs are counted analytically (training: 3 x forward MACs x 2 per sample and epoch; evaluation:
+forward MACs x 2 per val/test pair) and compared with a measured large float32 matmul.
+
+    python -m benchmarks.lockstep --quick        # under 5 minutes on a 2-core machine
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from digitpairs import mnist
+from digitpairs.models import ModelConfig
+from digitpairs.pairs import draw_path, make_draw, save_draw
+from digitpairs.runner import run_trials
+from digitpairs.train import TrainConfig
+from digitpairs.trials import Trial, make_trial
+
+SMALL, LARGE = dict(nbch1=8, nbch2=8, nbfch=64), dict(nbch1=64, nbch2=64, nbfch=512)
+LRS = (0.001, 0.01, 0.1, 0.25, 1.0)
+
+
+def forward_macs(cfg: ModelConfig) -> int:
+    """Multiply-accumulates of one pair's forward pass (conv2 on a 6x6 map is a 36*nbch1-input linear)."""
+    d = 1 if cfg.arch == "pair" else 2  # images through the branch per pair
+    n1, n2, nf, n_out = cfg.nbch1, cfg.nbch2, cfg.nbfch, 2 if cfg.arch == "pair" else 10
+    macs = d * (144 * 9 * (3 - d) * n1 + 36 * n1 * n2 + n2 * nf + nf * n_out)
+    if cfg.skip_connections:
+        macs += 392 * (36 * n1 + n2)
+    return macs + (20 * 2 if cfg.arch == "siamese" else 0)
+
+
+def trial_flops(t: Trial, n_train: int = 1000, n_eval: int = 2000) -> float:
+    """Training plus evaluation FLOPs of one trial."""
+    macs = forward_macs(t.model)
+    return 2.0 * macs * (3 * n_train * t.train.epochs + n_eval)
+
+
+def matmul_flops(n: int = 2048, reps: int = 5) -> float:
+    """Best-of float32 matmul FLOP/s with the current thread count."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best
+
+
+def spanning_set(per_config: int, epochs: int, full: bool) -> dict[str, list[Trial]]:
+    """Trials of both archs, small and large widths, with and without batch norm and skip connections."""
+    combos = [(False, False), (True, True)] + ([(True, False), (False, True)] if full else [])
+    sets: dict[str, list[Trial]] = {"small": [], "large": []}
+    for name, widths in (("small", SMALL), ("large", LARGE)):
+        for variant in ("pair", "siamese-2"):
+            for bn, skip in combos:
+                for i in range(per_config):
+                    cfg = TrainConfig(lr=LRS[i % len(LRS)], epochs=epochs)
+                    w = dict(widths, batch_norm=bn, skip_connections=skip)
+                    sets[name].append(make_trial(variant, w, cfg, draw=i % 4, seed=1))
+    return sets
+
+
+def timed(trials: list[Trial], pairs: Path, engine: str, workers: int, batch: int) -> float:
+    t0 = time.perf_counter()
+    run_trials(trials, pairs, engine=engine, workers=workers, batch=batch, desc=engine)
+    return time.perf_counter() - t0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument(
+        "--mnist", default=os.environ.get(mnist.MIRROR_ENV, str(Path(__file__).parents[2] / "shared/mnist"))
+    )
+    ap.add_argument("--quick", action="store_true", help="fewer trainings, 1 epoch, two (bn, skip) combos")
+    ap.add_argument("--epochs", type=int, default=None)
+    ap.add_argument("--per-config", type=int, default=None, help="trainings per (arch, widths, bn, skip)")
+    ap.add_argument("--batch", type=int, default=64, help="lockstep K upper bound (run_lockstep splits further on CPU)")
+    args = ap.parse_args()
+    epochs = args.epochs or (1 if args.quick else 5)
+    per_config = args.per_config or (12 if args.quick else 40)
+    batch = args.batch
+    cores = os.cpu_count() or 1
+    os.environ["TQDM_DISABLE"] = "1"
+
+    with tempfile.TemporaryDirectory() as tmp:
+        os.environ[mnist.MIRROR_ENV] = args.mnist
+        root = mnist.download(Path(tmp) / "mnist")
+        splits = (*mnist.load(root, train=True), *mnist.load(root, train=False))
+        pairs = Path(tmp) / "pairs"
+        for d in range(4):
+            save_draw(*make_draw(*splits, seed=1, draw=d), draw_path(pairs, d))
+        torch.set_num_threads(cores)
+        peak = matmul_flops()
+        print(f"matmul peak ({cores} threads, 2048^3 float32): {peak / 1e9:.1f} GFLOP/s")
+        sets = spanning_set(per_config, epochs, full=not args.quick)
+        # warm up both engines (imports, allocator, kernels) outside the timings
+        warm = [sets["small"][0], sets["large"][0]]
+        for engine in ("loop", "lockstep"):
+            run_trials(warm, pairs, engine=engine, workers=1, batch=2)
+        best: dict[str, dict[str, float]] = {"loop": {}, "lockstep": {}}
+        modes = {f"1 process x {cores} threads": 1, f"{cores} processes x 1 thread": cores}
+        for mode, workers in modes.items():
+            for engine in ("loop", "lockstep"):
+                secs = {name: timed(trials, pairs, engine, workers, batch) for name, trials in sets.items()}
+                total = sum(secs.values())
+                n = sum(len(t) for t in sets.values())
+                print(
+                    f"{engine:8s} {mode:24s}: {n / total:7.2f} trainings/s  ("
+                    + ", ".join(f"{k} {len(sets[k]) / v:.2f}/s" for k, v in secs.items())
+                    + ")",
+                    flush=True,
+                )
+                if not best[engine] or total < best[engine]["total"]:
+                    best[engine] = {"total": total, "mode": mode, **secs}  # type: ignore[dict-item]
+    n = sum(len(t) for t in sets.values())
+    flops = {name: sum(trial_flops(t) for t in trials) for name, trials in sets.items()}
+    loop, lock = best["loop"], best["lockstep"]
+    ratio = loop["total"] / lock["total"]
+    print(f"set: {n} trainings, {epochs} epoch(s), both archs, widths {SMALL} and {LARGE}")
+    print(f"loop     best ({loop['mode']}): {n / loop['total']:.2f} trainings/s")
+    print(f"lockstep best ({lock['mode']}, K<={batch}): {n / lock['total']:.2f} trainings/s")
+    for engine, res in (("loop", loop), ("lockstep", lock)):
+        whole = sum(flops.values()) / res["total"]
+        large = flops["large"] / res["large"]
+        print(
+            f"{engine:8s} FLOP/s: {whole / 1e9:.1f} G = {whole / peak:.0%} of matmul peak; "
+            f"largest widths: {large / 1e9:.1f} G = {large / peak:.0%}"
+        )
+    print(f"speedup: {ratio:.2f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,348 @@
+"""Lockstep engine: train K same-shape models as one batched computation.
+
+A per-model loop spends most of each tiny step in Python and dispatch overhead. Here every layer
+of K independent models is one stacked tensor ``[K, ...]`` and every layer is one batched matmul
+(``baddbmm``), so a step of K models costs little more than a step of one. The models stay
+independent: the sum of the K losses has, for each model's parameters, exactly that model's
+gradient, so one backward and one fused SGD update (per-model lr broadcast) train all of them.
+
+Internal layouts differ from ``nn.Module``'s where that saves copies (feature maps are kept
+channels-last, ``(position, channel)``); :func:`_layout` maps each state-dict tensor to its
+stacked form and back, so outcomes carry ordinary state dicts that ``build_model`` accepts.
+
+On CPU a job is further cut into chunks whose activations stay cache- and allocator-friendly
+(:data:`CPU_ACTIVATION_BYTES`); on CUDA the whole job is one computation, so pass a large batch.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from functools import cache
+from itertools import groupby
+
+import torch
+import torch.nn.functional as F
+
+from digitpairs.models import build_model, weight_names
+from digitpairs.pairs import Draw, split
+from digitpairs.train import TrainResult, check_hparams, epoch_order, fraction, siamese_scores
+from digitpairs.trials import Outcome, Trial
+
+EPS, MOMENTUM = 1e-5, 0.1  # nn.BatchNorm's defaults
+EVAL_CHUNK = 250  # pairs per evaluation forward: bounds memory, results do not depend on it
+# CPU: largest conv1 activation of one step. Beyond it tensors leave the cache and glibc serves them
+# with fresh mmap pages (page faults every step); measured on a 2-core machine, bigger K was slower.
+CPU_ACTIVATION_BYTES = 32 << 20
+
+
+@cache
+def _tune_cpu_allocator() -> None:
+    """Let glibc keep freed blocks up to 32 MiB for reuse instead of returning them to the OS: a step
+    allocates the same large tensors every time, and fresh pages cost a page fault each (a third of
+    the run time was system time without this). Process-wide and harmless; a no-op off glibc."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD (glibc's maximum)
+        libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+
+def _shape_key(t: Trial) -> tuple:
+    """Trials with equal keys can share one lockstep job (same layers, same step schedule)."""
+    tc = t.train
+    return (t.model, tc.epochs, tc.batch_size, tc.shuffle)
+
+
+def group_trials(trials: list[Trial], batch: int) -> list[list[Trial]]:
+    """Group trials of equal model config and epochs/batch_size/shuffle into chunks of <= ``batch``.
+
+    Groups appear in order of their first trial and keep the trials' order inside, so the jobs
+    depend only on the input list (deterministic across runs and machines).
+    """
+    if batch < 1:
+        raise ValueError(f"batch must be >= 1, got {batch!r}.")
+    first: dict[tuple, int] = {}
+    for i, t in enumerate(trials):
+        first.setdefault(_shape_key(t), i)
+    ordered = sorted(trials, key=lambda t: first[_shape_key(t)])  # stable: keeps order within a group
+    jobs = []
+    for _, members in groupby(ordered, key=_shape_key):
+        members = list(members)
+        jobs += [members[i : i + batch] for i in range(0, len(members), batch)]
+    return jobs
+
+
+def _layout(name: str, shape: torch.Size, in_ch: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """``(view, perm)``: a module tensor ``t`` is stored as ``t.reshape(view).permute(perm)``, flattened
+    to 2-D ``[fan_in, fan_out]`` for weights and ``[1, n]`` for vectors.
+
+    Inputs are kept ``(pixel, channel)``, the 6x6 map ``(position, channel)``: conv1, skip1, conv2
+    and skip2 are permuted to match, so no feature map is ever transposed during training.
+    """
+    layer = name.rsplit(".", 2)[-2]
+    if len(shape) == 1:
+        if layer == "skip1":
+            return (shape[0] // 36, 36), (1, 0)
+        return (shape[0],), (0,)
+    if layer == "conv1":
+        return (shape[0], in_ch, 9), (2, 1, 0)
+    if layer == "skip1":
+        return (shape[0] // 36, 36, in_ch, 196), (3, 2, 1, 0)
+    if layer == "conv2":
+        return (shape[0], shape[1], 36), (2, 1, 0)
+    if layer == "skip2":
+        return (shape[0], in_ch, 196), (2, 1, 0)
+    return tuple(shape), (1, 0)  # nn.Linear [out, in] -> [in, out]
+
+
+def _to_stacked(tensors: list[torch.Tensor], name: str, in_ch: int) -> torch.Tensor:
+    """K module tensors -> one stacked internal tensor ``[K, fan_in or 1, fan_out]``."""
+    view, perm = _layout(name, tensors[0].shape, in_ch)
+    shape = tensors[0].shape
+    rows = 1 if len(shape) == 1 else shape.numel() // shape[0]  # fan-in, whatever the permutation
+    return torch.stack([t.reshape(view).permute(perm).reshape(rows, -1) for t in tensors])
+
+
+def _from_stacked(stacked: torch.Tensor, k: int, name: str, shape: torch.Size, in_ch: int) -> torch.Tensor:
+    """Model ``k``'s module tensor of ``name`` back from its stacked internal form."""
+    view, perm = _layout(name, shape, in_ch)
+    inverse = [perm.index(i) for i in range(len(perm))]
+    return stacked[k].reshape([view[p] for p in perm]).permute(inverse).reshape(shape)
+
+
+class _Stack:
+    """K models' parameters and batch-norm statistics as stacked tensors, with a batched forward."""
+
+    def __init__(self, job: list[Trial], device: torch.device) -> None:
+        cfg = job[0].model
+        self.cfg, self.arch = cfg, cfg.arch
+        self.in_ch = 2 if cfg.arch == "pair" else 1
+        self.models = [build_model(t.model, t.init_generator()) for t in job]
+        states = [m.state_dict() for m in self.models]
+        self.names = list(states[0])
+        self.weight_names = weight_names(self.models[0])
+        self.t: dict[str, torch.Tensor] = {}
+        for name in self.names:
+            if name.endswith("num_batches_tracked"):
+                self.t[name] = states[0][name].clone().to(device)  # all models step together
+                continue
+            stacked = _to_stacked([s[name] for s in states], name, self.in_ch).to(device)
+            is_param = not name.endswith(("running_mean", "running_var"))
+            self.t[name] = stacked.requires_grad_(is_param)
+        self.params = [self.t[n] for n, _ in self.models[0].named_parameters()]
+        self.counters = [self.t[n] for n in self.names if n.endswith("num_batches_tracked")]
+        self.weights = [self.t[n] for n in self.weight_names]
+
+    def state(self, k: int) -> dict[str, torch.Tensor]:
+        """Model ``k``'s state dict on the CPU, keys and shapes exactly those of ``build_model``'s."""
+        ref = self.models[k].state_dict()
+        out = {}
+        for name in self.names:
+            t = self.t[name].detach()
+            if not name.endswith("num_batches_tracked"):
+                t = _from_stacked(t, k, name, ref[name].shape, self.in_ch)
+            out[name] = t.cpu().clone()
+        return out
+
+    def _linear(self, h: torch.Tensor, layer: str) -> torch.Tensor:
+        return torch.baddbmm(self.t[f"{layer}.bias"], h, self.t[f"{layer}.weight"])
+
+    def _bn(self, h: torch.Tensor, layer: str, training: bool) -> torch.Tensor:
+        """Batch norm over dim 1 of ``[K, rows, channels]``, per model, like nn.BatchNorm in train/eval."""
+        rm, rv = self.t[f"{layer}.running_mean"], self.t[f"{layer}.running_var"]
+        if training:
+            var, mean = torch.var_mean(h, dim=1, keepdim=True, correction=0)
+            with torch.no_grad():
+                n = h.shape[1]
+                rm.lerp_(mean.detach(), MOMENTUM)
+                rv.lerp_(var.detach() * (n / max(n - 1, 1)), MOMENTUM)
+        else:
+            mean, var = rm, rv
+        return (h - mean) * (torch.rsqrt(var + EPS) * self.t[f"{layer}.weight"]) + self.t[f"{layer}.bias"]
+
+    def branch(self, cols: torch.Tensor, flat: torch.Tensor, training: bool) -> torch.Tensor:
+        """``cols``: im2col ``[K, B * 144, 9 * C]``, ``flat``: ``[K, B, 196 * C]`` images -> ``[K, B, n_out]``."""
+        k, b = flat.shape[:2]
+        nb1, p = self.cfg.nbch1, "branch."
+        h = self._linear(cols, p + "conv1").view(k * b, 12, 12, nb1).permute(0, 3, 1, 2)  # channels-last view
+        h = F.relu(F.max_pool2d(h, 2)).permute(0, 2, 3, 1).reshape(k, b * 36, nb1)
+        if self.cfg.batch_norm:
+            h = self._bn(h, p + "bn1", training)
+        h = h.reshape(k, b, 36 * nb1)
+        if self.cfg.skip_connections:
+            h = h + F.relu(self._linear(flat, p + "skip1"))
+        h = F.relu(self._linear(h, p + "conv2"))
+        if self.cfg.batch_norm:
+            h = self._bn(h, p + "bn2", training)
+        if self.cfg.skip_connections:
+            h = h + F.relu(self._linear(flat, p + "skip2"))
+        h = F.relu(self._linear(h, p + "fc1"))
+        if self.cfg.batch_norm:
+            h = self._bn(h, p + "bn3", training)
+        return self._linear(h, p + "fc2")
+
+    def forward(self, cols: torch.Tensor, flat: torch.Tensor, training: bool):
+        """A mini-batch from :meth:`_Split.take` -> pair logits ``[K, n, 2]``, or siamese comparison and
+        digit logits ``([K, n, 2], [K, n, 2, 10])``.
+
+        Siamese: the branch sees the 2n digits of the mini-batch as one batch (digit 1 of pair i at
+        row 2i, digit 2 at row 2i+1), exactly as ``SiameseNet.forward``, so BN statistics match.
+        """
+        relu_logits = self.cfg.relu_logits
+        if self.arch == "pair":
+            out = self.branch(cols, flat, training)
+            return F.relu(out) if relu_logits else out
+        k, n = flat.shape[0], flat.shape[1] // 2
+        digits = self.branch(cols, flat, training).view(k, n, 2, 10)
+        if relu_logits:
+            digits = F.relu(digits)
+        out = self._linear(digits.reshape(k, n, 20), "compare")
+        return (F.relu(out) if relu_logits else out), digits
+
+
+class _Split:
+    """One split of every draw in a job, laid out for :meth:`_Stack.forward`.
+
+    Each draw is stored once (models that share a draw share it), channels-last: pair images
+    ``(row, col, digit)``, siamese the pair's two digits one after the other. A step gathers its
+    mini-batch rows of images and of conv1's im2col, precomputed.
+    """
+
+    def __init__(self, job: list[Trial], draws: dict[int, Draw], name: str, device: torch.device) -> None:
+        ids = sorted({t.draw for t in job})
+        parts = [split(draws[d], name) for d in ids]
+        sizes = {len(p[0]) for p in parts}
+        if len(sizes) != 1:
+            raise ValueError(f"lockstep needs draws of equal size; {name} splits have sizes {sorted(sizes)}.")
+        self.n = n = sizes.pop()
+        self.digits = 1 if job[0].model.arch == "pair" else 2
+        self.channels = 3 - self.digits
+        x = torch.cat([p[0] for p in parts])  # [D * n, 2, 14, 14]
+        x = x.permute(0, 2, 3, 1) if self.digits == 1 else x.unsqueeze(-1)
+        img = x.reshape(-1, 14, 14, self.channels)
+        # im2col once per draw (the data never change): a step then copies whole rows, which is
+        # several times faster than building the strided windows of every mini-batch again
+        cols = torch.cat([img[:, i : i + 12, j : j + 12] for i in range(3) for j in range(3)], 3)
+        self.cols = cols.reshape(len(x), -1).to(device)
+        self.images = x.reshape(len(x), -1).contiguous().to(device)
+        self.target = torch.cat([p[1] for p in parts]).to(device)
+        self.classes = torch.cat([p[2] for p in parts]).to(device)
+        self.offset = torch.tensor([ids.index(t.draw) * n for t in job], device=device).view(-1, 1)
+
+    def take(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Rows ``[K, b]`` (already offset per model) -> ``cols, flat, target, classes`` of the mini-batch:
+        im2col ``[K, b' * 144, 9 * C]`` with ``(kh, kw, c)`` columns and images ``[K, b', 196 * C]``,
+        where b' = b digit images (siamese: 2b)."""
+        k, b = rows.shape
+        c, r = self.channels, rows.reshape(-1)
+        cols = self.cols.index_select(0, r).view(k, -1, 9 * c)
+        flat = self.images.index_select(0, r).view(k, b * self.digits, 196 * c)
+        return cols, flat, self.target[rows], self.classes[rows]
+
+
+def _losses(stack: _Stack, out, t: torch.Tensor, c: torch.Tensor, w2: torch.Tensor, w10: torch.Tensor):
+    """Per-model losses ``[K]``, each exactly ``loss_fn`` of that model's mini-batch."""
+    if stack.arch == "pair":
+        k, b = out.shape[:2]
+        return F.cross_entropy(out.reshape(k * b, 2), t.reshape(-1), reduction="none").view(k, b).mean(1)
+    cmp, digits = out
+    k, b = cmp.shape[:2]
+    ce2 = F.cross_entropy(cmp.reshape(k * b, 2), t.reshape(-1), reduction="none").view(k, b).mean(1)
+    ce10 = F.cross_entropy(digits.reshape(-1, 10), c.reshape(-1), reduction="none").view(k, -1).sum(1) / b
+    return w2 * ce2 + w10 * ce10
+
+
+def run_lockstep(
+    job: list[Trial], draws: dict[int, Draw], device: str = "cpu", record_grad_norms: bool = False
+) -> list[Outcome]:
+    """Train the trials of ``job`` together; one :class:`Outcome` per trial, as ``run_trial`` gives.
+
+    Each model keeps its own initial weights, data draw, shuffle order, lr, loss weights and
+    batch-norm statistics; only the arithmetic is shared.
+    """
+    if not job:
+        return []
+    ref = job[0]
+    if any(_shape_key(t) != _shape_key(ref) for t in job):
+        raise ValueError("a lockstep job needs trials of one model config, epochs, batch_size and shuffle.")
+    dev = torch.device(device)
+    if dev.type == "cpu":
+        _tune_cpu_allocator()
+        images = ref.train.batch_size * (1 if ref.model.arch == "pair" else 2)
+        k_cpu = max(1, CPU_ACTIVATION_BYTES // (images * 144 * ref.model.nbch1 * 4))
+        if len(job) > k_cpu:  # results do not depend on the split: models are independent
+            return [
+                o
+                for i in range(0, len(job), k_cpu)
+                for o in run_lockstep(job[i : i + k_cpu], draws, device, record_grad_norms)
+            ]
+    data = _Split(job, draws, "train", dev)
+    n = data.n
+    for t in job:
+        check_hparams(t.model.arch, t.train, n)
+    stack = _Stack(job, dev)
+    k, tc = len(job), ref.train
+    lr = torch.tensor([t.train.lr for t in job], device=dev)
+    w2 = torch.tensor([t.train.w2 for t in job], device=dev)
+    w10 = torch.tensor([t.train.w10 for t in job], device=dev)
+    gens = [t.shuffle_generator() for t in job]
+    bs = int(tc.batch_size)
+    steps = tc.epochs * ((n + bs - 1) // bs)
+    norms = torch.zeros(steps, k, len(stack.weights), device=dev) if record_grad_norms else None
+    neg_lr = [-lr.view(-1, *([1] * (p.dim() - 1))) for p in stack.params]
+    epoch_loss = torch.zeros(tc.epochs, k, device=dev)
+    step = 0
+    for epoch in range(tc.epochs):
+        order = torch.stack([epoch_order(n, tc.shuffle, g) for g in gens]).to(dev) + data.offset
+        for start in range(0, n, bs):
+            rows = order[:, start : start + bs]
+            cols, flat, tgt, cls = data.take(rows)
+            losses = _losses(stack, stack.forward(cols, flat, True), tgt, cls, w2, w10)
+            grads = torch.autograd.grad(losses.sum(), stack.params)
+            with torch.no_grad():
+                if norms is not None:
+                    gw = dict(zip(map(id, stack.params), grads, strict=True))
+                    norms[step] = torch.stack([gw[id(w)].flatten(1).norm(dim=1) for w in stack.weights], 1)
+                for p, g, lv in zip(stack.params, grads, neg_lr, strict=True):
+                    p.addcmul_(g, lv)  # plain SGD, each model its own lr
+                epoch_loss[epoch] += losses.detach() * rows.shape[1]
+                for t in stack.counters:
+                    t += 1
+            step += 1
+    epoch_loss = (epoch_loss / n).cpu()
+    scores = [{} for _ in job]
+    for name in ("val", "test"):
+        for i, s in enumerate(_evaluate(stack, job, draws, name, dev)):
+            scores[i][name] = s
+    norms = norms.cpu() if norms is not None else None
+    return [
+        Outcome(
+            trial,
+            scores[i],
+            TrainResult(
+                epoch_loss[:, i].tolist(),
+                list(stack.weight_names) if norms is not None else [],
+                norms[:, i].contiguous() if norms is not None else None,
+            ),
+            stack.state(i),
+        )
+        for i, trial in enumerate(job)
+    ]
+
+
+@torch.no_grad()
+def _evaluate(stack: _Stack, job: list[Trial], draws: dict[int, Draw], name: str, dev) -> list[dict[str, float]]:
+    """``evaluate``'s accuracies for each model, in eval mode, forwarding the split in chunks."""
+    data = _Split(job, draws, name, dev)
+    outs: list[list[torch.Tensor]] = []
+    for start in range(0, data.n, EVAL_CHUNK):
+        cols, flat, _, _ = data.take(data.offset + torch.arange(start, min(data.n, start + EVAL_CHUNK), device=dev))
+        out = stack.forward(cols, flat, False)
+        outs.append(list(out) if isinstance(out, tuple) else [out])
+    out = [torch.cat(parts, 1) for parts in zip(*outs, strict=True)]
+    rows = data.offset + torch.arange(data.n, device=dev)
+    t, c = data.target[rows], data.classes[rows]
+    if stack.arch == "pair":
+        return [{"accuracy": fraction(out[0][i].argmax(1) == t[i])} for i in range(len(job))]
+    return [siamese_scores(out[0][i], out[1][i], t[i], c[i]) for i in range(len(job))]

@@ -1,0 +1,180 @@
+"""Lockstep engine: same results as the per-model loop, grouping, and the runner's lockstep engine."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+from digitpairs.lockstep import group_trials, run_lockstep
+from digitpairs.pairs import draw_path, make_draw, save_draw
+from digitpairs.runner import run_trials
+from digitpairs.train import TrainConfig
+from digitpairs.trials import Trial, make_trial, run_trial, variant_score
+
+TINY = dict(nbch1=4, nbch2=8, nbfch=16)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models: one thread is as fast, and immune to other processes' load on a shared machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def draw1(mnist_splits):
+    tensors, _ = make_draw(*mnist_splits, seed=1, draw=1)
+    return tensors
+
+
+@pytest.fixture(scope="module")
+def draws(draw0, draw1):
+    return {0: draw0, 1: draw1}
+
+
+def mixed_job(arch: str, widths: dict, epochs: int = 1) -> list[Trial]:
+    """Three trials of one shape with different lr, loss weights and draws (small lrs: with batch norm,
+    larger ones make one epoch chaotic enough that float rounding alone changes weights by 1e-3)."""
+    cfg = TrainConfig(epochs=epochs)
+    if arch == "pair":
+        return [
+            make_trial("pair", widths, replace(cfg, lr=0.03), draw=0, seed=1),
+            make_trial("pair", widths, replace(cfg, lr=0.01), draw=1, seed=1),
+            make_trial("pair", widths, replace(cfg, lr=0.05), draw=0, seed=2),
+        ]
+    custom = make_trial("siamese-2", widths, replace(cfg, lr=0.05), draw=0, seed=1)
+    return [
+        make_trial("siamese-2", widths, replace(cfg, lr=0.03), draw=0, seed=1),
+        make_trial("siamese-10", widths, replace(cfg, lr=0.01), draw=1, seed=1),
+        replace(custom, train=replace(custom.train, w2=0.5, w10=0.3)),
+    ]
+
+
+def assert_close(a: torch.Tensor, b: torch.Tensor, rel: float, what: str) -> None:
+    """Max abs difference relative to the tensor's largest entry."""
+    a, b = a.double(), b.double()
+    scale = a.abs().max().clamp_min(1e-12)
+    assert ((a - b).abs().max() / scale) <= rel, f"{what}: relative difference {float((a - b).abs().max() / scale)}"
+
+
+@pytest.mark.parametrize("arch", ["pair", "siamese"])
+@pytest.mark.parametrize("bn", [False, True])
+@pytest.mark.parametrize("skip", [False, True])
+def test_lockstep_matches_per_model_loop(draws, arch, bn, skip):
+    job = mixed_job(arch, dict(TINY, batch_norm=bn, skip_connections=skip))
+    outs = run_lockstep(job, draws, record_grad_norms=True)
+    assert [o.trial for o in outs] == job
+    for trial, out in zip(job, outs, strict=True):
+        ref = run_trial(trial, draws[trial.draw], record_grad_norms=True)
+        assert list(out.state) == list(ref.state)
+        for key, value in ref.state.items():
+            assert out.state[key].shape == value.shape and out.state[key].dtype == value.dtype, key
+            if key.endswith("num_batches_tracked"):
+                assert torch.equal(out.state[key], value)
+            else:
+                assert_close(value, out.state[key], 1e-4, key)
+        assert out.result.grad_names == ref.result.grad_names
+        assert out.result.grad_norms.shape == ref.result.grad_norms.shape
+        torch.testing.assert_close(out.result.grad_norms, ref.result.grad_norms, rtol=1e-4, atol=1e-6)
+        assert out.result.epoch_loss == pytest.approx(ref.result.epoch_loss, rel=1e-5)
+        for split in ("val", "test"):
+            assert out.scores[split].keys() == ref.scores[split].keys()
+            for metric, value in ref.scores[split].items():
+                assert out.scores[split][metric] == pytest.approx(value, abs=2e-3), (split, metric)
+        x = draws[trial.draw]["test_input"][:50]
+        torch.testing.assert_close(out.model()(x), ref.model()(x), rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("arch", ["pair", "siamese"])
+def test_relu_logits_is_honoured(draws, arch):
+    job = mixed_job(arch, dict(TINY, relu_logits=True))[:2]
+    for trial, out in zip(job, run_lockstep(job, draws), strict=True):
+        ref = run_trial(trial, draws[trial.draw])
+        for key, value in ref.state.items():
+            assert_close(value, out.state[key], 1e-4, key)
+        for split in ("val", "test"):
+            assert out.scores[split] == pytest.approx(ref.scores[split], abs=2e-3)
+
+
+def test_accuracy_agrees_with_loop_on_several_draws(mnist_splits, draw0, draw1):
+    """Lockstep learns as well as the loop: with lr 0.1 and batch norm, trajectories diverge after a
+    few epochs (float rounding), so agreement is statistical rather than bitwise."""
+    draws = {0: draw0, 1: draw1, 2: make_draw(*mnist_splits, seed=1, draw=2)[0]}
+    widths = dict(nbch1=8, nbch2=8, nbfch=32)
+    cfg = TrainConfig(lr=0.1, epochs=3)
+    job = [make_trial(v, widths, cfg, draw=d, seed=1) for v in ("pair", "siamese-10") for d in draws]
+    diffs = []
+    for variant in ("pair", "siamese-10"):
+        part = [t for t in job if t.variant == variant]
+        lock = [variant_score(variant, o.scores["val"]) for o in run_lockstep(part, draws)]
+        loop = [variant_score(variant, run_trial(t, draws[t.draw]).scores["val"]) for t in part]
+        assert min(lock) > 0.7 and min(loop) > 0.7, (variant, lock, loop)
+        diffs += [a - b for a, b in zip(lock, loop, strict=True)]
+    diffs = torch.tensor(diffs)
+    # per-draw accuracy noise over 1000 pairs is about 0.015; the mean difference must stay well inside
+    assert diffs.abs().max() < 0.06 and abs(float(diffs.mean())) < 0.03, diffs
+
+
+def test_group_trials_groups_by_shape_and_respects_batch():
+    a, b = dict(TINY), dict(TINY, nbfch=32)
+    cfg = TrainConfig(epochs=1)
+    trials = [
+        make_trial(v, w, replace(cfg, lr=lr), draw=d, seed=1)
+        for d in range(3)
+        for w in (a, b)
+        for v in ("pair", "siamese-2", "siamese-10")
+        for lr in (0.01, 0.1)
+    ]
+    trials.append(make_trial("pair", a, replace(cfg, epochs=2), draw=0, seed=1))
+    trials.append(make_trial("pair", a, replace(cfg, shuffle=False), draw=0, seed=1))
+    jobs = group_trials(trials, batch=5)
+    assert sorted(t.key() for j in jobs for t in j) == sorted(t.key() for t in trials)
+    assert all(1 <= len(j) <= 5 for j in jobs)
+    for job in jobs:
+        t0 = job[0]
+        assert all(t.model == t0.model for t in job)
+        assert all(
+            (t.train.epochs, t.train.batch_size, t.train.shuffle) == (t0.train.epochs, 100, t0.train.shuffle)
+            for t in job
+        )
+    # 4 shapes of 6 or 12 trials (siamese-2 and siamese-10 share a model) plus the 2 odd ones
+    assert sorted(len(j) for j in jobs) == sorted([5, 1, 5, 5, 2, 5, 1, 5, 5, 2, 1, 1])
+    assert group_trials(trials, batch=5) == jobs  # deterministic
+    assert [len(j) for j in group_trials(trials, batch=1000)].count(12) == 2
+    with pytest.raises(ValueError, match="batch"):
+        group_trials(trials, batch=0)
+
+
+def test_runner_lockstep_engine_matches_loop(tmp_path, mnist_splits):
+    for d in range(2):
+        save_draw(*make_draw(*mnist_splits, seed=1, draw=d), draw_path(tmp_path, d))
+    cfg = TrainConfig(lr=0.03, epochs=1)
+    trials = [make_trial(v, TINY, cfg, draw=d, seed=1) for v in ("pair", "siamese-2", "siamese-10") for d in (0, 1)]
+    lock = run_trials(trials, tmp_path, engine="lockstep", workers=1, batch=3, keep_state=True)
+    loop = run_trials(trials, tmp_path, engine="loop", workers=1, keep_state=True)
+    for a, b in zip(lock, loop, strict=True):
+        assert a.trial == b.trial
+        for split in ("val", "test"):
+            assert a.scores[split] == pytest.approx(b.scores[split], abs=2e-3)
+        assert_close(b.state["branch.fc2.weight"], a.state["branch.fc2.weight"], 1e-4, "fc2")
+
+
+def test_cpu_split_of_a_big_job_changes_nothing(draws, monkeypatch):
+    """On CPU a job is run in cache-sized chunks; the outcomes must not depend on the chunking."""
+    from digitpairs import lockstep
+
+    job = mixed_job("siamese", dict(TINY, batch_norm=True))
+    whole = run_lockstep(job, draws, record_grad_norms=True)
+    monkeypatch.setattr(lockstep, "CPU_ACTIVATION_BYTES", 1)  # one model per chunk
+    parts = run_lockstep(job, draws, record_grad_norms=True)
+    for a, b in zip(whole, parts, strict=True):
+        assert a.trial == b.trial and a.scores == b.scores
+        assert torch.equal(a.result.grad_norms, b.result.grad_norms) or torch.allclose(
+            a.result.grad_norms, b.result.grad_norms, rtol=1e-5, atol=1e-7
+        )
+        for key, value in a.state.items():
+            assert_close(value, b.state[key], 1e-5, key)
