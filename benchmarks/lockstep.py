@@ -74,7 +74,8 @@ def spanning_set(per_config: int, epochs: int, full: bool) -> dict[str, list[Tri
 
 def timed(trials: list[Trial], pairs: Path, engine: str, workers: int, batch: int) -> float:
     t0 = time.perf_counter()
-    run_trials(trials, pairs, engine=engine, workers=workers, batch=batch, desc=engine)
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    run_trials(trials, pairs, engine=engine, workers=workers, threads=threads, batch=batch, desc=engine)
     return time.perf_counter() - t0
 
 

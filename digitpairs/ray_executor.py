@@ -1,33 +1,82 @@
-"""Run jobs as Ray tasks on the cluster named by RAY_ADDRESS, or on a local Ray instance."""
+"""Run jobs as Ray tasks on the cluster named by RAY_ADDRESS, or on a local Ray instance.
+
+Results equal the local executor's bit for bit: a task runs the same function with the same torch
+thread count, and each trial's randomness comes from its own key, not from where it runs.
+"""
 
 from __future__ import annotations
 
+import logging
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Hashable, Iterator
 
 
-def _call(fn: Callable, job: list):
+def _call(fn: Callable, threads: int, job: list, keys: list, *values: object):
+    """A Ray task: ``fn(job, shared)`` with the run's torch thread count (Ray reserves that many CPUs)."""
     import torch
 
-    torch.set_num_threads(1)  # one Ray CPU per task: let Ray, not torch, use the cores
-    return fn(job)
+    torch.set_num_threads(threads)
+    return fn(job, dict(zip(keys, values, strict=True))) if keys else fn(job)
 
 
-def ray_map(fn: Callable, jobs: list) -> Iterator:
-    """Submit every job as a Ray task and yield results as tasks finish (order is not kept;
-    callers match results to trials by key, so scheduling never changes a result)."""
+def _start() -> bool:
+    """Connect to RAY_ADDRESS, or start a local instance sized to this process's CPUs, quietly and
+    without a dashboard. Returns whether this call started Ray (and so must shut it down)."""
     import ray
 
-    if not ray.is_initialized():
-        ray.init(
-            address=os.environ.get("RAY_ADDRESS") or None,
-            include_dashboard=False,
-            log_to_driver=False,
-            configure_logging=False,
-        )
-    task = ray.remote(num_cpus=1)(_call)
-    fn_ref = ray.put(fn)
-    pending = [task.remote(fn_ref, job) for job in jobs]
-    while pending:
-        done, pending = ray.wait(pending, num_returns=1)
-        yield ray.get(done[0])
+    if ray.is_initialized():
+        return False
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    quiet = {"include_dashboard": False, "log_to_driver": False, "logging_level": logging.WARNING}
+    address = os.environ.get("RAY_ADDRESS") or None
+    if address:
+        import digitpairs
+
+        # Cluster nodes need this package's code; torch and the rest must be installed there.
+        ray.init(address=address, runtime_env={"py_modules": [digitpairs]}, **quiet)
+    else:
+        from digitpairs.runner import cpu_count
+
+        ray.init(num_cpus=cpu_count(), **quiet)
+    return True
+
+
+def ray_map(
+    fn: Callable,
+    jobs: list,
+    *,
+    threads: int = 1,
+    gpus: float = 0,
+    shared: dict[Hashable, object] | None = None,
+    needs: Callable[[list], list] | None = None,
+) -> Iterator:
+    """Submit every job as a Ray task and yield results as tasks finish.
+
+    Order is not kept: callers match results to trials by key, so scheduling never changes a
+    result. ``shared`` values (the draws) go to the object store once; a task receives those that
+    ``needs(job)`` names as ``fn(job, {key: value})``, so workers need no access to local files.
+    Ray is shut down at the end, or on an interrupt, if this call started it.
+    """
+    if not jobs:  # everything resumed from a checkpoint: no need to start or reach a cluster
+        return
+    import ray
+
+    started = _start()
+    pending: list = []
+    try:
+        refs = {k: ray.put(v) for k, v in (shared or {}).items()}
+        task = ray.remote(num_cpus=threads, num_gpus=gpus)(_call)
+        fn_ref = ray.put(fn)
+        for job in jobs:
+            keys = list(needs(job)) if needs and refs else []
+            pending.append(task.remote(fn_ref, threads, job, keys, *(refs[k] for k in keys)))
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1)
+            yield ray.get(done[0])
+    except BaseException:
+        for ref in pending:
+            ray.cancel(ref, force=True)  # queued work nobody will read
+        raise
+    finally:
+        if started:
+            ray.shutdown()

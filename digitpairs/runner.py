@@ -3,8 +3,11 @@ checkpoint. Every stage that trains goes through :func:`run_trials`."""
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
+import signal
+import sys
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -22,6 +25,31 @@ from digitpairs.trials import Outcome, Trial, run_trial
 
 ENGINES = ("loop", "lockstep")
 EXECUTORS = ("local", "ray")
+# Source files whose code decides a trial's result: a checkpoint written by other code is stale.
+RESULT_CODE = ("models.py", "train.py", "trials.py", "lockstep.py", "seeding.py")
+# Torch threads per job, on every executor and whatever the number of jobs or CPUs: a float
+# reduction split over a different number of threads can round differently, and then a resumed
+# run (fewer jobs left) or another executor would not reproduce a trial bit for bit. Parallelism
+# comes from running jobs side by side instead.
+THREADS_PER_JOB = 1
+
+
+def cpu_count() -> int:
+    """CPUs this process may use (the affinity mask, which containers and `taskset` narrow)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+@lru_cache(maxsize=1)
+def code_digest() -> str:
+    """Digest of the training code and torch version, part of every checkpoint key."""
+    h = sha256(torch.__version__.encode())
+    for name in RESULT_CODE:
+        f = Path(__file__).with_name(name)
+        h.update(name.encode() + (f.read_bytes() if f.exists() else b""))
+    return h.hexdigest()[:12]
 
 
 @lru_cache(maxsize=16)
@@ -30,10 +58,21 @@ def _draw(pairs_dir: str, draw: int) -> Draw:
 
 
 def run_job(
-    job: list[Trial], pairs_dir: str, engine: str, device: str, record_grad_norms: bool, keep_state: bool
+    job: list[Trial],
+    pairs_dir: str,
+    engine: str,
+    device: str,
+    record_grad_norms: bool,
+    keep_state: bool,
+    draws: dict[int, Draw] | None = None,
 ) -> list[Outcome]:
-    """Train one job (a single trial for ``loop``, a group of same-shape trials for ``lockstep``)."""
-    draws = {t.draw: _draw(pairs_dir, t.draw) for t in job}
+    """Train one job (a single trial for ``loop``, a group of same-shape trials for ``lockstep``).
+
+    ``draws`` lets a remote worker (Ray) use draws shipped with the job instead of reading
+    ``pairs_dir``, which need not exist on its machine.
+    """
+    if draws is None:
+        draws = {t.draw: _draw(pairs_dir, t.draw) for t in job}
     if engine == "lockstep":
         from digitpairs.lockstep import run_lockstep
 
@@ -55,21 +94,41 @@ def make_jobs(trials: list[Trial], engine: str, batch: int) -> list[list[Trial]]
     return group_trials(trials, batch)
 
 
-def _set_threads(n: int) -> None:
-    torch.set_num_threads(n)
+def _init_worker(threads: int) -> None:
+    """Pool worker set-up: the run's thread count, and death with the parent (Linux), so a killed
+    stage leaves no orphans training trials nobody will record."""
+    torch.set_num_threads(threads)
+    try:
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (AttributeError, OSError):
+        pass
 
 
 def local_map(fn: Callable, jobs: list, workers: int, threads: int) -> Iterator:
-    """Run ``fn(job)`` for each job in ``workers`` processes, yielding results as they finish."""
+    """Run ``fn(job)`` for each job in ``workers`` processes with ``threads`` torch threads each,
+    yielding results as they finish. Only this (the parent) process sees results and writes files.
+
+    On an interrupt, queued jobs are cancelled rather than run to the end.
+    """
     if workers <= 1:
-        for job in jobs:
-            yield fn(job)
+        before = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            for job in jobs:
+                yield fn(job)
+        finally:
+            torch.set_num_threads(before)
         return
     ctx = get_context("spawn")  # fork after torch's thread pools start is unsafe
-    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_set_threads, initargs=(threads,)) as pool:
+    pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(threads,))
+    try:
         futures = [pool.submit(fn, job) for job in jobs]
         for fut in as_completed(futures):
             yield fut.result()
+    except BaseException:  # KeyboardInterrupt, GeneratorExit, a failed job
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    pool.shutdown()
 
 
 class Checkpoint:
@@ -84,14 +143,15 @@ class Checkpoint:
         self.done: dict[str, dict] = {}
         if not self.path.exists():
             return
-        bad = 0
-        for line in self.path.read_text().splitlines():
+        text = self.path.read_text(errors="replace")
+        good, bad = [], 0
+        for line in text.splitlines():
             try:
                 rec = json.loads(line)
-                body = json.dumps(rec["row"], sort_keys=True)
-                if rec["sha"] != sha256(body.encode()).hexdigest():
+                if rec["sha"] != _sha(rec["row"]):
                     raise ValueError("checksum mismatch")
                 self.done[rec["row"]["key"]] = rec["row"]
+                good.append(line)
             except (ValueError, KeyError, TypeError):
                 bad += 1
         if bad:
@@ -99,16 +159,25 @@ class Checkpoint:
                 f"{self.path}: {bad} corrupt or truncated checkpoint line(s) ignored; those trials are recomputed.",
                 stacklevel=2,
             )
+        if bad or (text and not text.endswith("\n")):
+            # Rewrite with the good lines only: the next append then starts on a fresh line
+            # (a torn last line would otherwise swallow it), and the warning is not repeated.
+            tmp = self.path.with_name(self.path.name + ".partial")
+            tmp.write_text("".join(line + "\n" for line in good))
+            tmp.replace(self.path)
 
     def add(self, row: dict) -> None:
-        """Record one finished trial durably (flushed and fsynced before returning)."""
-        body = json.dumps(row, sort_keys=True)
+        """Record one finished trial durably (one write, flushed and fsynced before returning)."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.path, "a") as f:
-            f.write(json.dumps({"row": row, "sha": sha256(body.encode()).hexdigest()}, sort_keys=True) + "\n")
+            f.write(json.dumps({"row": row, "sha": _sha(row)}, sort_keys=True) + "\n")
             f.flush()
             os.fsync(f.fileno())
         self.done[row["key"]] = row
+
+
+def _sha(row: dict) -> str:
+    return sha256(json.dumps(row, sort_keys=True).encode()).hexdigest()
 
 
 def outcome_row(o: Outcome, key: str) -> dict:
@@ -129,25 +198,31 @@ def run_trials(
     keep_state: bool = False,
     checkpoint: Path | None = None,
     desc: str = "trials",
+    threads: int = THREADS_PER_JOB,
 ) -> list[Outcome]:
     """Train ``trials`` and return their outcomes in the same order.
 
     Results do not depend on ``executor``, ``workers`` or scheduling: each trial's randomness comes
-    from its own key. With ``checkpoint``, finished trials are recorded as they complete and
-    skipped on a rerun (their outcomes then carry scores only).
+    from its own key, and every job runs with ``threads`` torch threads (default
+    :data:`THREADS_PER_JOB`; results are bit-identical between runs with equal ``threads``).
+    With ``checkpoint``, finished trials are recorded as they complete and skipped on a rerun
+    (their outcomes then carry scores only, hence no checkpoint with ``keep_state`` or
+    ``record_grad_norms``). A progress bar (done, rate, ETA) goes to stderr on a terminal only.
     """
     if engine not in ENGINES:
         raise ValueError(f"unknown engine {engine!r}; choose one of {ENGINES}.")
     if executor not in EXECUTORS:
         raise ValueError(f"unknown executor {executor!r}; choose one of {EXECUTORS}.")
+    if checkpoint and (keep_state or record_grad_norms):
+        raise ValueError("a checkpoint keeps scores only: it cannot resume runs that keep states or gradient norms.")
     ckpt = Checkpoint(checkpoint) if checkpoint else None
     digests: dict[int, str] = {}
 
     def ckey(t: Trial) -> str:
-        """A checkpoint entry is valid only for the same trial, data, engine and device."""
+        """A checkpoint entry is valid only for the same trial, data, engine, device, threads and code."""
         if t.draw not in digests:
             digests[t.draw] = sha256(draw_path(Path(pairs_dir), t.draw).read_bytes()).hexdigest()[:16]
-        return f"{t.key()}-{digests[t.draw]}-{engine}-{device}"
+        return f"{t.key()}-{digests[t.draw]}-{engine}-{device}-t{threads}-{code_digest()}"
 
     by_key: dict[str, Outcome] = {}
     todo = []
@@ -157,21 +232,27 @@ def run_trials(
         else:
             todo.append(t)
     todo = list({t.key(): t for t in todo}.values())  # identical trials train once
+    if ckpt:
+        print(f"{desc}: resumed {len(by_key)} of {len(by_key) + len(todo)} trials from {ckpt.path}", file=sys.stderr)
     jobs = make_jobs(todo, engine, batch)
     cuda = device == "cuda"
     if workers is None:
-        workers = 1 if cuda else min(os.cpu_count() or 1, max(1, len(jobs)))
-    threads = max(1, (os.cpu_count() or 1) // max(1, workers))
+        workers = 1 if cuda else max(1, min(cpu_count() // threads, len(jobs)))
     fn = _JobFn(str(pairs_dir), engine, device, record_grad_norms, keep_state)
     if executor == "ray":
         from digitpairs.ray_executor import ray_map
 
-        results: Iterable = ray_map(fn, jobs)
+        results: Iterable = ray_map(
+            fn,
+            jobs,
+            threads=threads,
+            gpus=1 if cuda else 0,
+            shared={d: _draw(str(pairs_dir), d) for d in {t.draw for t in todo}},
+            needs=lambda job: sorted({t.draw for t in job}),
+        )
     else:
-        if workers <= 1:
-            torch.set_num_threads(threads)
         results = local_map(fn, jobs, workers, threads)
-    with tqdm(total=len(todo), desc=desc, unit="trial", disable=None) as bar:
+    with tqdm(total=len(todo), desc=desc, unit="trial", disable=None, file=sys.stderr, smoothing=0.1) as bar:
         for outs in results:
             for o in outs:
                 by_key[o.trial.key()] = o
@@ -182,10 +263,10 @@ def run_trials(
 
 
 class _JobFn:
-    """A picklable ``job -> outcomes`` function for process pools and Ray."""
+    """A picklable ``(job, draws=None) -> outcomes`` function for process pools and Ray."""
 
     def __init__(self, pairs_dir: str, engine: str, device: str, grad_norms: bool, keep_state: bool) -> None:
         self.args = (pairs_dir, engine, device, grad_norms, keep_state)
 
-    def __call__(self, job: list[Trial]) -> list[Outcome]:
-        return run_job(job, *self.args)
+    def __call__(self, job: list[Trial], draws: dict[int, Draw] | None = None) -> list[Outcome]:
+        return run_job(job, *self.args, draws=draws)

@@ -67,7 +67,14 @@ def set_params(repo: Path, overrides: dict) -> None:
 
 def clone(dest: Path, overrides: dict | None = TINY) -> Path:
     """A fresh git repository holding the project's files (no outputs), with tiny params committed."""
-    shutil.copytree(REPO, dest, ignore=lambda d, names: [n for n in names if n in SKIP and Path(d) == REPO])
+    def ignore(folder: str, names: list[str]) -> list[str]:
+        if Path(folder) == REPO:
+            return [n for n in names if n in SKIP]
+        if Path(folder) == REPO / ".dvc":  # the work tree's cache would let stages be restored, not run
+            return [n for n in names if n in ("cache", "tmp")]
+        return []
+
+    shutil.copytree(REPO, dest, ignore=ignore)
     if overrides:
         set_params(dest, overrides)
     sh(dest, "git", "init", "-q")

@@ -70,7 +70,7 @@ def test_second_repro_does_nothing(run):
     repo, _ = run
     log = dvc(repo, "repro").stdout
     assert ran(log) == set(), log
-    assert "is up to date" in dvc(repo, "status").stdout
+    assert "up to date" in dvc(repo, "status").stdout
 
 
 def test_editing_a_train_value_reruns_only_what_it_invalidates(run):

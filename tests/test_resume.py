@@ -1,0 +1,114 @@
+"""A real `python stages/cv.py pair`, interrupted (SIGINT, SIGKILL), resumes from its checkpoint
+and writes the same CSV, byte for byte, as an uninterrupted run, training only what is missing."""
+
+from __future__ import annotations
+
+import io
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pandas as pd
+import pytest
+
+from tests.e2e import TINY, clone, dvc, env, set_params, sh
+
+pytestmark = pytest.mark.slow
+
+GRID = {
+    **TINY,
+    "train": {"epochs": 4},
+    "cv": {**TINY["cv"], "batch_norm": [True, False], "skip_connections": [True, False], "lr": [0.05, 0.1, 0.2, 0.5]},
+}
+N = 16  # pair trials in GRID
+CKPT = "data/checkpoints/cv-pair.jsonl"
+CSV = "data/cv/pair.csv"
+
+
+def cv_pair(repo) -> tuple[str, float]:
+    """Run the stage to the end; return its stderr and wall time."""
+    t = time.perf_counter()
+    cp = sh(repo, sys.executable, "stages/cv.py", "pair")
+    return cp.stderr, time.perf_counter() - t
+
+
+def resumed(err: str) -> tuple[int, int]:
+    n, m = re.search(r"cv@pair: resumed (\d+) of (\d+) trials from data/checkpoints/cv-pair.jsonl", err).groups()
+    return int(n), int(m)
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory):
+    """A clone with pairs drawn, and the uninterrupted run's CSV and time."""
+    repo = clone(tmp_path_factory.mktemp("resume") / "repo", GRID)
+    dvc(repo, "repro", "pairs")
+    err, seconds = cv_pair(repo)
+    assert resumed(err) == (0, N)
+    return repo, (repo / CSV).read_bytes(), seconds
+
+
+def fresh(repo) -> None:
+    (repo / CKPT).unlink(missing_ok=True)
+    (repo / CSV).unlink(missing_ok=True)
+
+
+def lines(repo) -> int:
+    path = repo / CKPT
+    return len(path.read_text().splitlines()) if path.exists() else 0
+
+
+def interrupt(repo, sig: signal.Signals, after: int) -> int:
+    """Start the stage, send ``sig`` once the checkpoint holds ``after`` lines; return lines kept."""
+    proc = subprocess.Popen(
+        [sys.executable, "stages/cv.py", "pair"], cwd=repo, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    deadline = time.monotonic() + 120
+    while lines(repo) < after and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(sig)
+    proc.communicate(timeout=60)
+    assert proc.returncode != 0, "the run finished before it could be interrupted"
+    assert not (repo / CSV).exists()
+    kept = lines(repo)
+    assert after <= kept < N
+    return kept
+
+
+def test_sigint_then_sigkill_then_resume_gives_the_same_csv(repo):
+    repo, reference, full = repo
+    fresh(repo)
+    after_int = interrupt(repo, signal.SIGINT, 2)
+    after_kill = interrupt(repo, signal.SIGKILL, after_int + 2)
+    err, seconds = cv_pair(repo)
+    done, total = resumed(err)
+    assert total == N and after_kill <= done < N  # every recorded trial is reused
+    assert lines(repo) == N  # and only the missing ones were trained and appended
+    assert (repo / CSV).read_bytes() == reference
+    print(
+        f"\nresumed {done}/{N} trials (SIGINT at {after_int}, SIGKILL at {after_kill}): rerun {seconds:.1f} s, "
+        f"uninterrupted {full:.1f} s"
+    )
+
+
+def test_corrupt_lines_are_recomputed_and_a_new_grid_value_trains_only_its_trials(repo):
+    repo, reference, _ = repo
+    if lines(repo) != N:
+        fresh(repo)
+        cv_pair(repo)
+    path = repo / CKPT
+    text = path.read_text().splitlines()
+    text[3] = text[3].replace('"accuracy": 0.', '"accuracy": 0.0', 1)  # checksum no longer matches
+    path.write_text("\n".join(text) + "\n" + text[5][: len(text[5]) // 2])  # and a torn last line
+    set_params(repo, {"cv": {"lr": GRID["cv"]["lr"] + [1.0]}})
+    try:
+        err, _ = cv_pair(repo)
+    finally:
+        set_params(repo, {"cv": GRID["cv"]})
+    assert "2 corrupt or truncated checkpoint line(s) ignored" in err
+    assert resumed(err) == (N - 1, N + N // 4)  # line 3 and the lr=1.0 trials are trained
+    table = pd.read_csv(repo / CSV)
+    old = table[table["lr"] != 1.0].reset_index(drop=True)
+    pd.testing.assert_frame_equal(old, pd.read_csv(io.BytesIO(reference)), check_exact=True)
+    assert len(table) == N + N // 4
