@@ -67,6 +67,7 @@ def set_params(repo: Path, overrides: dict) -> None:
 
 def clone(dest: Path, overrides: dict | None = TINY) -> Path:
     """A fresh git repository holding the project's files (no outputs), with tiny params committed."""
+
     def ignore(folder: str, names: list[str]) -> list[str]:
         if Path(folder) == REPO:
             return [n for n in names if n in SKIP]
