@@ -132,7 +132,8 @@ def local_map(fn: Callable, jobs: list, workers: int, threads: int) -> Iterator:
 
 
 class Checkpoint:
-    """Append-only JSON-lines record of finished trials, keyed by ``Trial.key()``.
+    """Append-only JSON-lines record of finished trials, keyed by the trial's configuration plus
+    its data, engine, device, threads and code (see ``run_trials``).
 
     Each line carries a checksum of its own content, so a line torn by a kill, or edited, is
     detected, reported and its trial recomputed; everything else is reused.

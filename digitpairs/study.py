@@ -10,8 +10,10 @@ from pathlib import Path
 import pandas as pd
 
 from digitpairs.params import GRID_KEYS
+from digitpairs.paths import PAIRS_DIR
+from digitpairs.runner import run_trials
 from digitpairs.stats import ci95, mean_std
-from digitpairs.train import TrainConfig
+from digitpairs.train import TrainConfig, resolve_device
 from digitpairs.trials import VARIANTS, Outcome, Trial, make_trial, variant_score, variants_of
 
 CONFIG_KEYS = GRID_KEYS  # what a selected configuration holds: widths, switches and lr
@@ -193,10 +195,6 @@ def final_metrics(scores: pd.DataFrame, selected: dict) -> dict:
 
 def run(trials: list[Trial], params: dict, executor: str, desc: str, **kwargs) -> list[Outcome]:
     """Train ``trials`` with the engine and device of the ``train`` section."""
-    from digitpairs.paths import PAIRS_DIR
-    from digitpairs.runner import run_trials
-    from digitpairs.train import resolve_device
-
     train = params["train"]
     device = resolve_device(train["device"]).type
     return run_trials(trials, PAIRS_DIR, engine=train["engine"], executor=executor, device=device, desc=desc, **kwargs)
