@@ -64,7 +64,14 @@ def lines(repo) -> int:
 def interrupt(repo, sig: signal.Signals, after: int) -> int:
     """Start the stage, send ``sig`` once the checkpoint holds ``after`` lines; return lines kept."""
     proc = subprocess.Popen(
-        [sys.executable, "stages/cv.py", "pair"], cwd=repo, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        [sys.executable, "stages/cv.py", "pair"],
+        cwd=repo,
+        env=env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        # a shell that starts jobs in the background (as CI may) leaves SIGINT ignored, and children
+        # inherit that: give the stage the default disposition, as a terminal's Ctrl-C would find it
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     deadline = time.monotonic() + 120
     while lines(repo) < after and proc.poll() is None and time.monotonic() < deadline:
