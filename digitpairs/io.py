@@ -21,7 +21,7 @@ def _atomic_write(path: Path, text: str) -> None:
 
 
 def write_json(obj: object, path: Path) -> None:
-    """Sorted keys and a fixed float format, so unchanged results give unchanged bytes (and hashes)."""
+    """Sorted keys and fixed indentation, so unchanged results give unchanged bytes (and hashes)."""
     _atomic_write(path, json.dumps(obj, sort_keys=True, indent=2) + "\n")
 
 
