@@ -5,7 +5,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: install browser repro plots test lint
+.PHONY: install browser qemu repro verify verify-quick plots test lint
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt pyproject.toml
 	python3 -m venv $(VENV)
@@ -20,6 +20,17 @@ install: $(VENV)/.installed
 browser:
 	@command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null)
 
+# Debian's qemu-user, for tests/test_cpus.py: the same trials on emulated Intel Haswell and AMD EPYC CPUs.
+qemu:
+	@command -v qemu-x86_64 >/dev/null || (apt-get update -qq && apt-get install -y -qq qemu-user >/dev/null)
+
+# Recompute the committed pipeline in a temporary clone (own cache, no run-cache) and compare with dvc.lock.
+verify: install
+	$(PY) scripts/verify.py
+
+verify-quick: install
+	$(PY) scripts/verify.py --quick
+
 repro: install
 	dvc repro
 	$(PY) stages/figures.py --vendor-js
@@ -33,5 +44,5 @@ lint: install
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 
-test: install browser lint
+test: install browser qemu lint
 	$(PY) -m pytest -q -rs

@@ -72,7 +72,7 @@ SCHEMA: dict[str, dict[str, Any]] = {
         "shuffle": _bool,
         "relu_logits": _bool,
         "engine": ENGINE,
-        "device": _choice("auto", "cpu", "cuda"),
+        "device": _choice("cpu", "cuda"),
         "executor": EXECUTOR,
     },
     "cv": {

@@ -24,6 +24,8 @@ def _start() -> bool:
     without a dashboard. Returns whether this call started Ray (and so must shut it down)."""
     import ray
 
+    from digitpairs import numerics
+
     if ray.is_initialized():
         return False
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -32,12 +34,13 @@ def _start() -> bool:
     if address:
         import digitpairs
 
-        # Cluster nodes need this package's code; torch and the rest must be installed there.
-        ray.init(address=address, runtime_env={"py_modules": [digitpairs]}, **quiet)
+        # Cluster nodes need this package's code (torch and the rest must be installed there) and
+        # the numeric pins in their workers' environment before torch loads.
+        ray.init(address=address, runtime_env={"py_modules": [digitpairs], "env_vars": numerics.env()}, **quiet)
     else:
         from digitpairs.runner import cpu_count
 
-        ray.init(num_cpus=cpu_count(), **quiet)
+        ray.init(num_cpus=cpu_count(), runtime_env={"env_vars": numerics.env()}, **quiet)
     return True
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from digitpairs import numerics
 from digitpairs.pairs import Draw, draw_path, load_draw
 from digitpairs.trials import Outcome, Trial, run_trial
 
@@ -73,6 +74,8 @@ def run_job(
     """
     if draws is None:
         draws = {t.draw: _draw(pairs_dir, t.draw) for t in job}
+    if device == "cuda":
+        numerics.deterministic_cuda()
     if engine == "lockstep":
         from digitpairs.lockstep import run_lockstep
 
@@ -220,10 +223,11 @@ def run_trials(
     digests: dict[int, str] = {}
 
     def ckey(t: Trial) -> str:
-        """A checkpoint entry is valid only for the same trial, data, engine, device, threads and code."""
+        """A checkpoint entry is valid only for the same trial, data, engine, device, threads, code and
+        numeric settings (pins, library versions: :func:`numerics.fingerprint`)."""
         if t.draw not in digests:
             digests[t.draw] = sha256(draw_path(Path(pairs_dir), t.draw).read_bytes()).hexdigest()[:16]
-        return f"{t.key()}-{digests[t.draw]}-{engine}-{device}-t{threads}-{code_digest()}"
+        return f"{t.key()}-{digests[t.draw]}-{engine}-{device}-t{threads}-{code_digest()}-{numerics.digest(device)}"
 
     by_key: dict[str, Outcome] = {}
     todo = []

@@ -50,13 +50,12 @@ def check_hparams(arch: str, cfg: TrainConfig, n_train: int) -> None:
 
 
 def resolve_device(name: str) -> torch.device:
-    """``auto`` picks CUDA when present; asking for an absent CUDA is an error, not a silent CPU run."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' was requested but no CUDA GPU is available; use 'auto' or 'cpu'.")
+    """``cpu`` or ``cuda``, never chosen for the user: a GPU gives other (deterministic per GPU model)
+    results than a CPU, so the device is a declared setting that dvc.lock records."""
     if name not in ("cpu", "cuda"):
-        raise ValueError(f"unknown device {name!r}; choose auto, cpu or cuda.")
+        raise ValueError(f"unknown device {name!r}; choose cpu or cuda (train.device in params.yaml).")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("train.device is 'cuda' but no CUDA GPU is available; set train.device: cpu.")
     return torch.device(name)
 
 

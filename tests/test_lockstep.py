@@ -79,7 +79,8 @@ def test_lockstep_matches_per_model_loop(draws, arch, bn, skip):
                 assert_close(value, out.state[key], 1e-4, key)
         assert out.result.grad_names == ref.result.grad_names
         assert out.result.grad_norms.shape == ref.result.grad_norms.shape
-        torch.testing.assert_close(out.result.grad_norms, ref.result.grad_norms, rtol=1e-4, atol=1e-6)
+        # rounding differences grow over the epoch: 1.5e-4 at the last step of pair + BN + skip
+        torch.testing.assert_close(out.result.grad_norms, ref.result.grad_norms, rtol=3e-4, atol=1e-6)
         assert out.result.epoch_loss == pytest.approx(ref.result.epoch_loss, rel=1e-5)
         for split in ("val", "test"):
             assert out.scores[split].keys() == ref.scores[split].keys()

@@ -130,9 +130,9 @@ def test_bad_hparams_raise_before_work(arch, change, match, draw0):
 
 def test_devices():
     assert resolve_device("cpu").type == "cpu"
-    assert resolve_device("auto").type in ("cpu", "cuda")
-    with pytest.raises(ValueError, match="unknown device"):
-        resolve_device("tpu")
+    for name in ("auto", "tpu"):  # never chosen for the user: a GPU computes other results
+        with pytest.raises(ValueError, match="unknown device"):
+            resolve_device(name)
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="no CUDA"):
             resolve_device("cuda")

@@ -1,0 +1,148 @@
+"""Numeric pins: the same params give the same bits on any x86-64 CPU with AVX2.
+
+Without them the numeric libraries pick a code path per CPU (AVX2, AVX-512, AMX, another vendor),
+round differently, and 25 epochs of SGD turn the last bit into another model. Each pin below is a
+control the library itself documents; nothing is re-implemented here.
+
+- ``MKL_CBWR=AVX2,STRICT`` (every GEMM: the lockstep engine's batched matmuls, the loop engine's
+  linear layers and im2col convolutions). oneMKL's Conditional Numerical Reproducibility: "to ensure
+  oneMKL calls return the same results on every Intel CPU supporting Intel AVX2 instructions ... set
+  MKL_CBWR=AVX2", and in strict mode "?gemm ... bitwise reproducible results ... even when the number
+  of threads changes" (oneMKL Developer Guide, "Getting Started with Conditional Numerical
+  Reproducibility" and "Reproducibility Conditions"). On AVX-512/AMX machines it holds MKL to the
+  AVX2 branch. On non-Intel CPUs MKL reports ``CNR:AUTO``: the guide promises nothing there, so the
+  match with Intel CPUs is measured (AMD host vs emulated Intel Haswell and AMD EPYC,
+  ``tests/test_cpus.py``), not assumed.
+- ``ATEN_CPU_CAPABILITY=avx2`` (reductions, softmax, exp/log, batch-norm statistics, max-pool):
+  PyTorch compiles these kernels once per ISA and its DispatchStub uses at most the capability named
+  by this variable (read once, at the first dispatched operation).
+- oneDNN off (``torch.backends.mkldnn.enabled = False``): oneDNN promises bitwise-equal results only
+  "if the hardware platform and software environment ... are identical" (oneDNN guide, "Primitive
+  Attributes: deterministic"); its convolution kernels choose blockings per CPU. NNPACK off
+  (``torch.backends.nnpack.set_flags(False)``): with oneDNN off PyTorch would route the loop engine's
+  convolutions to NNPACK, whose Winograd kernels have CPU-specific code and were 36x less accurate
+  here (relative error 5e-6 against float64, 1.5e-7 for GEMM). With both off, convolutions take
+  PyTorch's im2col + GEMM path, which the MKL pin covers. The lockstep engine never used either.
+- ``CUBLAS_WORKSPACE_CONFIG=:4096:8`` (CUDA only; harmless elsewhere): required by
+  ``torch.use_deterministic_algorithms`` for deterministic cuBLAS (PyTorch "Reproducibility" notes).
+  GPU results are deterministic on one GPU model, not equal to the CPU's: ``train.device: cuda`` is
+  its own setting.
+
+Torch threads are pinned separately (``runner.THREADS_PER_JOB``). The environment variables must be
+set before torch runs its first operation, so importing :mod:`digitpairs` sets them
+(:func:`pin`); :func:`check` refuses a process where torch ran too early.
+``DIGITPAIRS_UNPINNED=1`` turns the pins off, for measuring what they cost or showing what they fix;
+it changes :func:`fingerprint`, so checkpoints never mix pinned and unpinned trials.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import warnings
+from functools import cache
+from hashlib import sha256
+
+ENV_PINS = {
+    "MKL_CBWR": "AVX2,STRICT",
+    "ATEN_CPU_CAPABILITY": "avx2",
+    "CUBLAS_WORKSPACE_CONFIG": ":4096:8",
+}
+UNPINNED_ENV = "DIGITPAIRS_UNPINNED"
+EXPECTED_CAPABILITY = "AVX2"
+
+
+def pinned() -> bool:
+    """Whether the pins are on (the default; off only with ``DIGITPAIRS_UNPINNED=1``)."""
+    return os.environ.get(UNPINNED_ENV, "") in ("", "0")
+
+
+def env() -> dict[str, str]:
+    """The environment variables a computing process needs (for Ray's runtime_env, subprocesses)."""
+    return dict(ENV_PINS) if pinned() else {UNPINNED_ENV: "1"}
+
+
+def pin() -> None:
+    """Set the pins in this process's environment (children inherit them), then configure torch.
+
+    Overrides values set from outside: a user's ``ATEN_CPU_CAPABILITY=avx512`` would otherwise
+    silently give other results than the committed ones.
+    """
+    if pinned():
+        os.environ.update(ENV_PINS)
+    import torch
+
+    torch.backends.mkldnn.enabled = not pinned()
+    torch.backends.nnpack.set_flags(not pinned())
+    check()
+
+
+def check() -> None:
+    """Refuse a process whose torch dispatched before the pins were set (it would compute with the
+    CPU's best ISA); warn on a CPU that lacks AVX2, where the committed results cannot be promised."""
+    if not pinned():
+        return
+    import torch
+
+    cap = torch.backends.cpu.get_cpu_capability()
+    if cap == EXPECTED_CAPABILITY:
+        return
+    if platform.machine() in ("x86_64", "AMD64") and cap.startswith("AVX512"):
+        raise RuntimeError(
+            f"torch already runs with CPU capability {cap}: it computed something before digitpairs set its "
+            "numeric pins. Import digitpairs before running any torch operation (or set "
+            f"ATEN_CPU_CAPABILITY=avx2 in the environment)."
+        )
+    warnings.warn(
+        f"this CPU offers torch capability {cap}, not {EXPECTED_CAPABILITY}: results are reproducible on this "
+        "machine but may differ from those computed on x86-64 CPUs with AVX2 (the committed dvc.lock).",
+        stacklevel=2,
+    )
+
+
+@cache
+def fingerprint(device: str = "cpu") -> dict[str, str]:
+    """What decides the arithmetic besides the code: pins, library versions, the ISA torch dispatches to.
+
+    Part of every checkpoint key, so a resumed run never mixes trials computed under other settings.
+    """
+    import torch
+
+    libs = [
+        line.strip(" -")
+        for line in torch.__config__.show().splitlines()
+        if "Math Kernel Library" in line or "MKL-DNN" in line
+    ]
+    out = {
+        "pins": json.dumps(env(), sort_keys=True),
+        "torch": torch.__version__,
+        "libraries": "; ".join(libs),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "mkldnn": str(torch.backends.mkldnn.enabled),
+        "nnpack": str(torch._C._get_nnpack_enabled()),
+    }
+    if device == "cuda":
+        out["gpu"] = torch.cuda.get_device_name(0)
+        out["cuda"] = str(torch.version.cuda)
+        out["cudnn"] = str(torch.backends.cudnn.version())
+    return out
+
+
+def digest(device: str = "cpu") -> str:
+    """A short hash of :func:`fingerprint`."""
+    return sha256(json.dumps(fingerprint(device), sort_keys=True).encode()).hexdigest()[:12]
+
+
+def deterministic_cuda() -> None:
+    """Deterministic CUDA kernels (same GPU model, same results): deterministic algorithms, no TF32.
+
+    TF32 is off because it changes the arithmetic, not only the speed; cuDNN autotuning is off
+    because it picks kernels by timing.
+    """
+    import torch
+
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cudnn.benchmark = False
