@@ -17,6 +17,7 @@ On CPU a job is further cut into chunks whose activations stay cache- and alloca
 from __future__ import annotations
 
 import ctypes
+import os
 from functools import cache
 from itertools import groupby
 
@@ -33,6 +34,10 @@ EVAL_CHUNK = 250  # pairs per evaluation forward: bounds memory, results do not 
 # CPU: largest conv1 activation of one step. Beyond it tensors leave the cache and glibc serves them
 # with fresh mmap pages (page faults every step); measured on a 2-core machine, bigger K was slower.
 CPU_ACTIVATION_BYTES = 32 << 20
+# CUDA: capture each job's SGD step as a CUDA graph after this many eager steps (see _GraphedStep);
+# DIGITPAIRS_CUDA_GRAPHS=0 turns it off (in worker processes too).
+CUDA_GRAPHS = os.environ.get("DIGITPAIRS_CUDA_GRAPHS", "1") != "0"
+GRAPH_WARMUP = 3
 
 
 @cache
@@ -46,6 +51,40 @@ def _tune_cpu_allocator() -> None:
         libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD
     except (OSError, AttributeError):
         pass
+
+
+class _GraphedStep:
+    """CUDA: one SGD step of all K models captured once as a CUDA graph, then replayed.
+
+    Eagerly, a step is some 200 small kernel launches, and the GPU waits on Python. A replay is one
+    launch. The first :data:`GRAPH_WARMUP` calls run eagerly on a side stream (CUDA's rule before a
+    capture; they are real training steps), the next captures the step reading its mini-batch rows
+    from a fixed buffer, and every call replays it. The same kernels run in the same order, so results
+    equal the eager engine's.
+    """
+
+    def __init__(self, step, k: int, bs: int, dev: torch.device) -> None:
+        self.step, self.calls, self.graph = step, 0, None
+        self.rows = torch.zeros(k, bs, dtype=torch.long, device=dev)
+        self.loss = torch.zeros(k, device=dev)
+
+    def __call__(self, rows: torch.Tensor, loss_acc: torch.Tensor) -> None:
+        self.rows.copy_(rows)
+        if self.graph is None and self.calls < GRAPH_WARMUP:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                self.step(self.rows, loss_acc)
+            torch.cuda.current_stream().wait_stream(side)
+            self.calls += 1
+            return
+        if self.graph is None:
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):  # records the kernels; runs nothing
+                self.step(self.rows, self.loss)
+        self.loss.zero_()
+        self.graph.replay()
+        loss_acc += self.loss  # 0 + x is exact: the same sums as the eager step's
 
 
 def _shape_key(t: Trial) -> tuple:
@@ -292,23 +331,34 @@ def run_lockstep(
     norms = torch.zeros(steps, k, len(stack.weights), device=dev) if record_grad_norms else None
     neg_lr = [-lr.view(-1, *([1] * (p.dim() - 1))) for p in stack.params]
     epoch_loss = torch.zeros(tc.epochs, k, device=dev)
+
+    def sgd_step(rows: torch.Tensor, loss_acc: torch.Tensor, norms_row: torch.Tensor | None = None) -> None:
+        """One mini-batch for all K models: forward, backward, SGD update; adds the losses to ``loss_acc``."""
+        cols, flat, tgt, cls = data.take(rows)
+        losses = _losses(stack, stack.forward(cols, flat, True), tgt, cls, w2, w10)
+        grads = torch.autograd.grad(losses.sum(), stack.params)
+        with torch.no_grad():
+            if norms_row is not None:
+                gw = dict(zip(map(id, stack.params), grads, strict=True))
+                norms_row.copy_(torch.stack([gw[id(w)].flatten(1).norm(dim=1) for w in stack.weights], 1))
+            for p, g, lv in zip(stack.params, grads, neg_lr, strict=True):
+                p.addcmul_(g, lv)  # plain SGD, each model its own lr
+            loss_acc += losses.detach() * rows.shape[1]
+            for t in stack.counters:
+                t += 1
+
+    # A graph freezes the step's shapes (every mini-batch full) and records no per-step output.
+    graphable = dev.type == "cuda" and CUDA_GRAPHS and n % bs == 0 and norms is None
+    step_fn = _GraphedStep(sgd_step, k, bs, dev) if graphable else sgd_step
     step = 0
     for epoch in range(tc.epochs):
         order = torch.stack([epoch_order(n, tc.shuffle, g) for g in gens]).to(dev) + data.offset
         for start in range(0, n, bs):
             rows = order[:, start : start + bs]
-            cols, flat, tgt, cls = data.take(rows)
-            losses = _losses(stack, stack.forward(cols, flat, True), tgt, cls, w2, w10)
-            grads = torch.autograd.grad(losses.sum(), stack.params)
-            with torch.no_grad():
-                if norms is not None:
-                    gw = dict(zip(map(id, stack.params), grads, strict=True))
-                    norms[step] = torch.stack([gw[id(w)].flatten(1).norm(dim=1) for w in stack.weights], 1)
-                for p, g, lv in zip(stack.params, grads, neg_lr, strict=True):
-                    p.addcmul_(g, lv)  # plain SGD, each model its own lr
-                epoch_loss[epoch] += losses.detach() * rows.shape[1]
-                for t in stack.counters:
-                    t += 1
+            if norms is not None:
+                step_fn(rows, epoch_loss[epoch], norms[step])
+            else:
+                step_fn(rows, epoch_loss[epoch])
             step += 1
     epoch_loss = (epoch_loss / n).cpu()
     scores = [{} for _ in job]
