@@ -101,6 +101,9 @@ def _init_worker(threads: int) -> None:
     """Pool worker set-up: the run's thread count, and death with the parent (Linux), so a killed
     stage leaves no orphans training trials nobody will record."""
     torch.set_num_threads(threads)
+    # Ctrl-C reaches the whole process group: the parent alone handles it (and stops the workers),
+    # so the terminal shows its one line, not a traceback per worker
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     except (AttributeError, OSError):
@@ -130,6 +133,8 @@ def local_map(fn: Callable, jobs: list, workers: int, threads: int) -> Iterator:
             yield fut.result()
     except BaseException:  # KeyboardInterrupt, GeneratorExit, a failed job
         pool.shutdown(wait=False, cancel_futures=True)
+        for child in ctx.active_children():  # running jobs: nobody will record their results
+            child.terminate()
         raise
     pool.shutdown()
 
@@ -257,13 +262,22 @@ def run_trials(
         )
     else:
         results = local_map(fn, jobs, workers, threads)
-    with tqdm(total=len(todo), desc=desc, unit="trial", disable=None, file=sys.stderr, smoothing=0.1) as bar:
-        for outs in results:
-            for o in outs:
-                by_key[o.trial.key()] = o
-                if ckpt:
-                    ckpt.add(outcome_row(o, ckey(o.trial)))
-            bar.update(len(outs))
+    try:
+        with tqdm(total=len(todo), desc=desc, unit="trial", disable=None, file=sys.stderr, smoothing=0.1) as bar:
+            for outs in results:
+                for o in outs:
+                    by_key[o.trial.key()] = o
+                    if ckpt:
+                        ckpt.add(outcome_row(o, ckey(o.trial)))
+                bar.update(len(outs))
+    except KeyboardInterrupt:
+        total = len({t.key() for t in trials})
+        if ckpt:
+            kept = sum(ckey(t) in ckpt.done for t in {t.key(): t for t in trials}.values())
+            raise KeyboardInterrupt(
+                f"{desc}: {kept} of {total} trials are checkpointed in {ckpt.path}; `dvc repro` resumes from there."
+            ) from None
+        raise KeyboardInterrupt(f"{desc}: stopped before its {total} trials finished; `dvc repro` reruns it.") from None
     return [by_key[t.key()] for t in trials]
 
 

@@ -3,7 +3,6 @@
 import pandas as pd
 import torch
 
-from digitpairs import params
 from digitpairs.io import run_stage, write_csv, write_json
 from digitpairs.models import load_model
 from digitpairs.pairs import draw_path, load_draw, split
@@ -13,8 +12,7 @@ from digitpairs.train import evaluate
 from digitpairs.trials import VARIANTS, variant_score
 
 
-def main() -> None:
-    p = params.load()
+def main(p: dict) -> None:
     rows, confusion = [], []
     for draw in range(p["data"]["n_draws"]):
         x, t, c = split(load_draw(draw_path(PAIRS_DIR, draw)), "test")

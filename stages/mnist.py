@@ -5,4 +5,4 @@ from digitpairs.io import run_stage
 from digitpairs.paths import MNIST_DIR
 
 if __name__ == "__main__":
-    run_stage(lambda: mnist.download(MNIST_DIR))
+    run_stage(lambda p: mnist.download(MNIST_DIR))
