@@ -128,7 +128,7 @@ def run_stage(root: Path) -> subprocess.CompletedProcess:
     """The real stage script, in ``root`` (a folder holding params.yaml and the inputs)."""
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     return subprocess.run(
-        [sys.executable, str(REPO / "stages/figures.py")],
+        [sys.executable, "-m", "stages.figures"],
         cwd=root,
         env=env,
         capture_output=True,
