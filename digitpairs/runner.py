@@ -257,6 +257,7 @@ def run_trials(
             jobs,
             threads=threads,
             gpus=1 if cuda else 0,
+            cpus=cpu_count(),
             shared={d: _draw(str(pairs_dir), d) for d in {t.draw for t in todo}},
             needs=lambda job: sorted({t.draw for t in job}),
         )

@@ -231,3 +231,35 @@ def test_tiny_params_are_valid():
     for section, values in copy.deepcopy(TINY).items():
         p[section].update(values)
     validate(p)
+
+
+TRAINING = {"cv@pair", "cv@siamese", "loss_weights", "grad_norms", "train", "evaluate"}
+
+
+@pytest.mark.parametrize(
+    "path,expected",
+    [
+        ("digitpairs/figures.py", {"figures"}),
+        ("digitpairs/train.py", TRAINING),
+        ("digitpairs/lockstep.py", TRAINING - {"evaluate"}),
+    ],
+)
+def test_a_code_change_invalidates_exactly_the_stages_that_run_it(repo, path, expected):
+    """`dvc status` after editing one source file: the figure code reruns only figures; the training
+    code reruns the training stages (and evaluate, which loads the models with it), nothing upstream.
+    A byte-code cache written beside the code changes nothing (.dvcignore)."""
+    import json
+
+    source = repo / path
+    original = source.read_text()
+    cache = repo / "digitpairs" / "__pycache__" / "stray.cpython-311.pyc"
+    cache.parent.mkdir(exist_ok=True)
+    cache.write_bytes(b"not a dependency")
+    assert json.loads(dvc(repo, "status", "--json").stdout) == {}
+    source.write_text(original + "\n# an edit\n")
+    try:
+        changed = set(json.loads(dvc(repo, "status", "--json").stdout))
+    finally:
+        source.write_text(original)
+        cache.unlink()
+    assert changed == expected
