@@ -8,7 +8,7 @@ never invalidates the stages below.
 
 from pathlib import Path
 
-from digitpairs.io import run_stage
+from digitpairs.core.io import run_stage
 
 OK = Path("data/params.ok")
 

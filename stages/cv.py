@@ -6,10 +6,10 @@ data/cv/<arch>_selected.json (the best configuration of each variant).
 
 import sys
 
-from digitpairs.io import run_stage, write_csv, write_json
-from digitpairs.models import ARCHS
-from digitpairs.paths import CHECKPOINTS, CV_DIR
-from digitpairs.study import cv_table, cv_trials, run, select
+from digitpairs.core.io import run_stage, write_csv, write_json
+from digitpairs.core.paths import CHECKPOINTS, CV_DIR
+from digitpairs.training.models import ARCHS
+from digitpairs.training.study import cv_table, cv_trials, run, select
 
 
 def main(p: dict, arch: str) -> None:

@@ -1,4 +1,4 @@
-"""Stage figures: the study's eight figures plus test accuracy, as PNG and SVG in plots/ (digitpairs.figures).
+"""Stage figures: the study's eight figures plus test accuracy, as PNG and SVG in plots/ (digitpairs.report.figures).
 
 It also writes the git-ignored offline Vega bundle that the project's HTML template
 (.dvc/plots/index.html) loads, so ``dvc plots show`` renders right after ``dvc repro``, without a
@@ -9,9 +9,9 @@ came from ``dvc pull`` or ``dvc checkout``, where the stage did not run).
 import sys
 from pathlib import Path
 
-from digitpairs import figures
-from digitpairs.io import run_stage
-from digitpairs.paths import PLOTS_DIR, VENDOR_JS
+from digitpairs.core.io import run_stage
+from digitpairs.core.paths import PLOTS_DIR, VENDOR_JS
+from digitpairs.report import figures
 
 
 def main(p: dict) -> None:

@@ -1,8 +1,8 @@
 """Stage grad_norms: SPEC experiment 3, per-mini-batch gradient norms with and without BN / skips."""
 
-from digitpairs.io import run_stage, write_csv
-from digitpairs.paths import CV_DIR, GRAD_NORMS_CSV
-from digitpairs.study import grad_norm_table, grad_norm_trials, read_selected, run
+from digitpairs.core.io import run_stage, write_csv
+from digitpairs.core.paths import CV_DIR, GRAD_NORMS_CSV
+from digitpairs.training.study import grad_norm_table, grad_norm_trials, read_selected, run
 
 
 def main(p: dict) -> None:

@@ -1,8 +1,8 @@
 """Stage loss_weights: SPEC experiment 2, the siamese loss-weight sweep at the selected configuration."""
 
-from digitpairs.io import run_stage, write_csv
-from digitpairs.paths import CHECKPOINTS, CV_DIR, LOSS_WEIGHTS_CSV
-from digitpairs.study import loss_weight_table, loss_weight_trials, read_selected, run
+from digitpairs.core.io import run_stage, write_csv
+from digitpairs.core.paths import CHECKPOINTS, CV_DIR, LOSS_WEIGHTS_CSV
+from digitpairs.training.study import loss_weight_table, loss_weight_trials, read_selected, run
 
 
 def main(p: dict) -> None:

@@ -2,10 +2,10 @@
 
 import shutil
 
-from digitpairs import mnist
-from digitpairs.io import run_stage
-from digitpairs.pairs import draw_path, make_draw, save_draw
-from digitpairs.paths import MNIST_DIR, PAIRS_DIR
+from digitpairs.core.io import run_stage
+from digitpairs.core.paths import MNIST_DIR, PAIRS_DIR
+from digitpairs.data import mnist
+from digitpairs.data.pairs import draw_path, make_draw, save_draw
 
 
 def main(p: dict) -> None:

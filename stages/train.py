@@ -8,11 +8,11 @@ import shutil
 
 from dvclive import Live
 
-from digitpairs.io import run_stage
-from digitpairs.models import save_model
-from digitpairs.paths import CV_DIR, LIVE_DIR, MODELS_DIR
-from digitpairs.study import final_trials, read_selected, run
-from digitpairs.trials import VARIANTS
+from digitpairs.core.io import run_stage
+from digitpairs.core.paths import CV_DIR, LIVE_DIR, MODELS_DIR
+from digitpairs.core.variants import VARIANTS
+from digitpairs.training.models import save_model
+from digitpairs.training.study import final_trials, read_selected, run
 
 
 def main(p: dict) -> None:

@@ -24,8 +24,8 @@ import pandas as pd
 import pytest
 import yaml
 
-from digitpairs import figures
-from digitpairs.paths import VENDOR_JS
+from digitpairs.core.paths import VENDOR_JS
+from digitpairs.report import figures
 from tests.test_figures import run_stage, write_inputs
 
 REPO = Path(__file__).resolve().parents[1]

@@ -17,7 +17,7 @@ import pytest
 import yaml
 from PIL import Image, ImageStat
 
-from digitpairs import figures
+from digitpairs.report import figures
 
 REPO = Path(__file__).resolve().parents[1]
 CV_GRID = {

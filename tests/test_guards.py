@@ -50,7 +50,7 @@ PARAMS_TEXT: dict[Path, str] = {}
 def with_value(repo: Path, key: str, value: str) -> None:
     """Set ``section.key`` to the YAML text ``value`` in the clone's params.yaml (a text edit, so YAML
     spellings such as .inf or yes reach DVC and the stages as written)."""
-    from digitpairs.params import parse
+    from digitpairs.core.params import parse
 
     section, name = key.split(".")
     text = PARAMS_TEXT.setdefault(repo, (repo / "params.yaml").read_text())
@@ -215,7 +215,7 @@ def test_relative_mnist_mirror_in_the_workspace_is_taken_from_the_repository_roo
 
 
 def mnist_complete(root: Path) -> bool:
-    from digitpairs import mnist
+    from digitpairs.data import mnist
 
     return mnist.is_complete(root)
 
@@ -224,7 +224,7 @@ def test_tiny_params_are_valid():
     """TINY is the params the end-to-end tests run on: keep it valid under the one validation."""
     import copy
 
-    from digitpairs.params import parse, validate
+    from digitpairs.core.params import parse, validate
     from tests.e2e import REPO
 
     p = parse((REPO / "params.yaml").read_text())
@@ -239,9 +239,9 @@ TRAINING = {"cv@pair", "cv@siamese", "loss_weights", "grad_norms", "train", "eva
 @pytest.mark.parametrize(
     "path,expected",
     [
-        ("digitpairs/figures.py", {"figures"}),
-        ("digitpairs/train.py", TRAINING),
-        ("digitpairs/lockstep.py", TRAINING - {"evaluate"}),
+        ("digitpairs/report/figures.py", {"figures"}),
+        ("digitpairs/training/train.py", TRAINING),
+        ("digitpairs/training/lockstep.py", TRAINING),
     ],
 )
 def test_a_code_change_invalidates_exactly_the_stages_that_run_it(repo, path, expected):

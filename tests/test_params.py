@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from digitpairs.params import MNIST_IMAGES, ParamError, max_pairs, parse, validate
+from digitpairs.core.params import MNIST_IMAGES, ParamError, max_pairs, parse, validate
 from tests.e2e import REPO
 
 DEFAULTS = parse((REPO / "params.yaml").read_text())
@@ -89,7 +89,7 @@ def test_cuda_is_refused_without_a_gpu():
 
 def test_pair_bound_comes_from_the_real_mnist_splits(mnist_splits):
     """MNIST_IMAGES is what the downloaded files hold, and the largest allowed n_pairs draws."""
-    from digitpairs.pairs import make_draw
+    from digitpairs.data.pairs import make_draw
 
     train_images, _, test_images, _ = mnist_splits
     assert MNIST_IMAGES == {"train": len(train_images), "test": len(test_images)}

@@ -12,7 +12,8 @@ import torch
 from torchvision.datasets import MNIST
 from torchvision.datasets.utils import check_integrity, download_and_extract_archive, extract_archive
 
-from digitpairs.paths import repo_root
+from digitpairs.core.io import StageError
+from digitpairs.core.paths import repo_root
 
 MIRROR_ENV = "MNIST_MIRROR"
 FIX = (
@@ -21,7 +22,7 @@ FIX = (
 )
 
 
-class MnistUnavailable(RuntimeError):
+class MnistUnavailable(StageError):
     """MNIST could not be obtained or verified; the message says which file and how to fix it."""
 
 
@@ -72,9 +73,10 @@ def download(root: Path) -> Path:
     """Make ``root`` hold verified, extracted MNIST; return ``root``.
 
     ``MNIST_MIRROR`` (URL or folder) replaces torchvision's mirror list; a relative folder is taken
-    from the repository root (:func:`digitpairs.paths.repo_root`), also in a queued experiment. Everything is fetched
-    into a temporary folder beside the destination and moved into place only once all four files
-    passed their MD5 check and parse, so a failure never leaves files a later run would trust.
+    from the repository root (:func:`digitpairs.core.paths.repo_root`), also in a queued experiment.
+    Everything is fetched into a temporary folder beside the destination and moved into place only
+    once all four files passed their MD5 check and parse, so a failure never leaves files a later
+    run would trust.
     """
     root = Path(root)
     if is_complete(root):

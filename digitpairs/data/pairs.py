@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from digitpairs.params import images_needed
-from digitpairs.seeding import generator
+from digitpairs.core.params import images_needed
+from digitpairs.core.seeding import generator
 
 SPLITS = ("train", "val", "test")
 FIELDS = ("input", "target", "classes", "index")

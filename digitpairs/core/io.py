@@ -13,8 +13,13 @@ from pathlib import Path
 
 import pandas as pd
 
-from digitpairs import params as params_module
-from digitpairs.mnist import MnistUnavailable
+from digitpairs.core import params as params_module
+
+
+class StageError(RuntimeError):
+    """An expected failure of a stage (MNIST unavailable, ...) whose message names the problem and
+    the fix: :func:`run_stage` prints it as one line. Defined here so this module, which every stage
+    runs, imports nothing from the data, training or report code."""
 
 
 def _atomic_write(path: Path, text: str) -> None:
@@ -113,7 +118,7 @@ def run_stage(main: Callable[[dict], None]) -> None:
             print(f"error: {err}{note}", file=sys.stderr)
             sys.exit(1)
         main(p)
-    except (ValueError, FileNotFoundError, MnistUnavailable) as err:
+    except (ValueError, FileNotFoundError, StageError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt as err:

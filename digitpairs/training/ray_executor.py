@@ -24,7 +24,7 @@ def _start(cpus: int) -> bool:
     dashboard. Returns whether this call started Ray (and so must shut it down)."""
     import ray
 
-    from digitpairs import numerics
+    from digitpairs.core import numerics
 
     if ray.is_initialized():
         return False

@@ -21,10 +21,10 @@ import pandas as pd  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from digitpairs.io import write_csv  # noqa: E402
-from digitpairs.params import DPI_RANGE, GRID_KEYS  # noqa: E402
-from digitpairs.stats import group_error, mean_std  # noqa: E402
-from digitpairs.trials import VARIANTS as ALL_VARIANTS  # noqa: E402
+from digitpairs.core.io import write_csv  # noqa: E402
+from digitpairs.core.params import DPI_RANGE, GRID_KEYS  # noqa: E402
+from digitpairs.core.stats import group_error, mean_std  # noqa: E402
+from digitpairs.core.variants import VARIANTS as ALL_VARIANTS  # noqa: E402
 
 VARIANTS = tuple(ALL_VARIANTS)
 # Okabe-Ito: distinguishable under the common colour-vision deficiencies.
