@@ -206,7 +206,7 @@ def test_relative_mnist_mirror_in_the_workspace_is_taken_from_the_repository_roo
         repo / "stages",
         sys.executable,
         "-c",
-        f"from digitpairs import mnist; mnist.download({str(data)!r}); print('ok')",
+        f"from digitpairs.data import mnist; mnist.download({str(data)!r}); print('ok')",
         MNIST_MIRROR=os.path.relpath(SHARED_MNIST, repo),
         PYTHONPATH=str(repo),
     )
