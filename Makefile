@@ -33,11 +33,11 @@ verify-quick: install
 
 repro: install
 	dvc repro
-	$(PY) stages/figures.py --vendor-js
+	$(PY) -m stages.figures --vendor-js
 
 # Interactive plots offline: the local Vega bundle, then dvc_plots/index.html.
 plots: install
-	$(PY) stages/figures.py --vendor-js
+	$(PY) -m stages.figures --vendor-js
 	dvc plots show
 
 lint: install

@@ -1,6 +1,6 @@
 """Benchmark: per-model loop vs lockstep engine on a set of trainings spanning the study's grid.
 
-Both engines run the same trainings through ``digitpairs.runner.run_trials`` in one process tree on
+Both engines run the same trainings through ``digitpairs.training.runner.run_trials`` in one process tree on
 this machine, each with both ways of using the cores (1 process x all threads, or one 1-thread
 process per core); the faster of the two is reported for each engine, so the loop baseline is fair.
 FLOPs are counted analytically (training: 3 x forward MACs x 2 per sample and epoch; evaluation:
@@ -19,12 +19,12 @@ from pathlib import Path
 
 import torch
 
-from digitpairs import mnist
-from digitpairs.models import ModelConfig
-from digitpairs.pairs import draw_path, make_draw, save_draw
-from digitpairs.runner import run_trials
-from digitpairs.train import TrainConfig
-from digitpairs.trials import Trial, make_trial
+from digitpairs.data import mnist
+from digitpairs.data.pairs import draw_path, make_draw, save_draw
+from digitpairs.training.models import ModelConfig
+from digitpairs.training.runner import run_trials
+from digitpairs.training.train import TrainConfig
+from digitpairs.training.trials import Trial, make_trial
 
 SMALL, LARGE = dict(nbch1=8, nbch2=8, nbfch=64), dict(nbch1=64, nbch2=64, nbfch=512)
 LRS = (0.001, 0.01, 0.1, 0.25, 1.0)

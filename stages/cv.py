@@ -6,17 +6,15 @@ data/cv/<arch>_selected.json (the best configuration of each variant).
 
 import sys
 
-from digitpairs import params
-from digitpairs.io import run_stage, write_csv, write_json
-from digitpairs.models import ARCHS
-from digitpairs.paths import CHECKPOINTS, CV_DIR
-from digitpairs.study import cv_table, cv_trials, run, select
+from digitpairs.core.io import run_stage, write_csv, write_json
+from digitpairs.core.paths import CHECKPOINTS, CV_DIR
+from digitpairs.training.models import ARCHS
+from digitpairs.training.study import cv_table, cv_trials, run, select
 
 
-def main(arch: str) -> None:
+def main(p: dict, arch: str) -> None:
     if arch not in ARCHS:
-        raise ValueError(f"usage: python stages/cv.py {{{'|'.join(ARCHS)}}}; got {arch!r}.")
-    p = params.load()
+        raise ValueError(f"usage: python -m stages.cv {{{'|'.join(ARCHS)}}}; got {arch!r}.")
     outcomes = run(
         cv_trials(arch, p), p, p["cv"]["executor"], f"cv@{arch}", checkpoint=CHECKPOINTS / f"cv-{arch}.jsonl"
     )
@@ -26,4 +24,4 @@ def main(arch: str) -> None:
 
 
 if __name__ == "__main__":
-    run_stage(lambda: main(sys.argv[1] if len(sys.argv) > 1 else ""))
+    run_stage(lambda p: main(p, sys.argv[1] if len(sys.argv) > 1 else ""))

@@ -3,18 +3,16 @@
 import pandas as pd
 import torch
 
-from digitpairs import params
-from digitpairs.io import run_stage, write_csv, write_json
-from digitpairs.models import load_model
-from digitpairs.pairs import draw_path, load_draw, split
-from digitpairs.paths import CONFUSION_CSV, CV_DIR, METRICS_JSON, MODELS_DIR, PAIRS_DIR, TEST_SCORES_CSV
-from digitpairs.study import final_metrics, read_selected
-from digitpairs.train import evaluate
-from digitpairs.trials import VARIANTS, variant_score
+from digitpairs.core.io import run_stage, write_csv, write_json
+from digitpairs.core.paths import CONFUSION_CSV, CV_DIR, METRICS_JSON, MODELS_DIR, PAIRS_DIR, TEST_SCORES_CSV
+from digitpairs.core.variants import VARIANTS, variant_score
+from digitpairs.data.pairs import draw_path, load_draw, split
+from digitpairs.training.models import load_model
+from digitpairs.training.study import final_metrics, read_selected
+from digitpairs.training.train import evaluate
 
 
-def main() -> None:
-    p = params.load()
+def main(p: dict) -> None:
     rows, confusion = [], []
     for draw in range(p["data"]["n_draws"]):
         x, t, c = split(load_draw(draw_path(PAIRS_DIR, draw)), "test")

@@ -1,21 +1,22 @@
-"""Stage figures: the study's eight figures plus test accuracy, as PNG and SVG in plots/ (digitpairs.figures).
+"""Stage figures: the study's eight figures plus test accuracy, as PNG and SVG in plots/ (digitpairs.report.figures).
 
-``python stages/figures.py --vendor-js`` instead writes the git-ignored offline Vega bundle that the
-project's HTML template (.dvc/plots/index.html) loads, so ``dvc plots show`` renders without a network.
+It also writes the git-ignored offline Vega bundle that the project's HTML template
+(.dvc/plots/index.html) loads, so ``dvc plots show`` renders right after ``dvc repro``, without a
+network. ``python -m stages.figures --vendor-js`` writes only the bundle (a checkout whose outputs
+came from ``dvc pull`` or ``dvc checkout``, where the stage did not run).
 """
 
 import sys
 from pathlib import Path
 
-from digitpairs import figures, params
-from digitpairs.io import run_stage
-from digitpairs.paths import PLOTS_DIR
-
-VENDOR_JS = Path(".dvc/plots/vendor/vega-offline.js")
+from digitpairs.core.io import run_stage
+from digitpairs.core.paths import PLOTS_DIR, VENDOR_JS
+from digitpairs.report import figures
 
 
-def main() -> None:
-    figures.make_all(Path("."), PLOTS_DIR, params.load()["figures"]["dpi"])
+def main(p: dict) -> None:
+    figures.make_all(Path("."), PLOTS_DIR, p["figures"]["dpi"])
+    figures.vendor_js(VENDOR_JS)
 
 
 if __name__ == "__main__":

@@ -2,14 +2,14 @@
 
 import shutil
 
-from digitpairs import mnist, params
-from digitpairs.io import run_stage
-from digitpairs.pairs import draw_path, make_draw, save_draw
-from digitpairs.paths import MNIST_DIR, PAIRS_DIR
+from digitpairs.core.io import run_stage
+from digitpairs.core.paths import MNIST_DIR, PAIRS_DIR
+from digitpairs.data import mnist
+from digitpairs.data.pairs import draw_path, make_draw, save_draw
 
 
-def main() -> None:
-    data = params.load()["data"]
+def main(p: dict) -> None:
+    data = p["data"]
     splits = (*mnist.load(MNIST_DIR, train=True), *mnist.load(MNIST_DIR, train=False))
     shutil.rmtree(PAIRS_DIR, ignore_errors=True)
     for draw in range(data["n_draws"]):

@@ -8,16 +8,14 @@ import shutil
 
 from dvclive import Live
 
-from digitpairs import params
-from digitpairs.io import run_stage
-from digitpairs.models import save_model
-from digitpairs.paths import CV_DIR, LIVE_DIR, MODELS_DIR
-from digitpairs.study import final_trials, read_selected, run
-from digitpairs.trials import VARIANTS
+from digitpairs.core.io import run_stage
+from digitpairs.core.paths import CV_DIR, LIVE_DIR, MODELS_DIR
+from digitpairs.core.variants import VARIANTS
+from digitpairs.training.models import save_model
+from digitpairs.training.study import final_trials, read_selected, run
 
 
-def main() -> None:
-    p = params.load()
+def main(p: dict) -> None:
     outcomes = run(final_trials(read_selected(CV_DIR), p), p, p["train"]["executor"], "train", keep_state=True)
     shutil.rmtree(MODELS_DIR, ignore_errors=True)
     for o in outcomes:

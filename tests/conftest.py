@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from digitpairs import mnist
-from digitpairs.pairs import make_draw
+from digitpairs.data import mnist
+from digitpairs.data.pairs import make_draw
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_MNIST = Path(os.environ.get("SHARED_MNIST", REPO.parent / "shared" / "mnist")).resolve()

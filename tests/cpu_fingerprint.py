@@ -14,9 +14,9 @@ from pathlib import Path
 import torch
 
 import digitpairs  # noqa: F401  (numeric pins before torch computes)
-from digitpairs.runner import run_trials
-from digitpairs.train import TrainConfig
-from digitpairs.trials import make_trial
+from digitpairs.training.runner import run_trials
+from digitpairs.training.train import TrainConfig
+from digitpairs.training.trials import make_trial
 
 WIDTHS = dict(nbch1=4, nbch2=8, nbfch=16, batch_norm=True, skip_connections=True)
 

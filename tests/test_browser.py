@@ -24,7 +24,8 @@ import pandas as pd
 import pytest
 import yaml
 
-from digitpairs import figures
+from digitpairs.core.paths import VENDOR_JS
+from digitpairs.report import figures
 from tests.test_figures import run_stage, write_inputs
 
 REPO = Path(__file__).resolve().parents[1]
@@ -51,6 +52,8 @@ LOCAL_SCHEMES = ("file:", "data:", "blob:", "about:")
 # Counts every item in a data mark (role "mark") of each view's scenegraph: axes, legends and titles excluded.
 MARKS_JS = """
 (() => {
+  LAYOUT
+
   const count = (node) => {
     let n = 0;
     if (node.marktype && node.marktype !== 'group' && node.role === 'mark') n += (node.items || []).length;
@@ -71,8 +74,70 @@ MARKS_JS = """
     views: (window.dvcPlots || {views: []}).views.map((v) => ({el: v.el, marks: count(v.view.scenegraph().root)})),
     errors: (window.dvcPlots || {errors: ['window.dvcPlots missing: not the project HTML template']}).errors,
     images: [...document.images].map((i) => ({src: i.getAttribute('src'), ok: i.complete && i.naturalWidth > 0})),
+    layout: (window.dvcPlots || {views: []}).views.map((v) => layout(v)),
   });
 })()
+"""
+
+# What a person sees in each view, in page pixels: its box, every axis (orientation from the spread of
+# its labels, label texts and positions, the panel it belongs to) and every line (its points' y range
+# within its panel). Vega's scenegraph: group items carry x/y offsets and the panel size; an axis is a
+# role 'axis' node whose 'axis-label' items hold the tick texts; a line is one 'line' mark item list.
+LAYOUT_JS = """
+const layout = (v) => {
+  const axes = [], lines = [], bars = [];
+  const labelsOf = (node, acc) => {
+    for (const it of node.items || []) {
+      if (node.role === 'axis-label' && it.text !== undefined && it.text !== '') {
+        acc.push({x: it.x, y: it.y, text: String(it.text)});
+      }
+      if (it && it.items) labelsOf(it, acc);
+    }
+    return acc;
+  };
+  const walk = (node, panel) => {
+    for (const it of node.items || []) {
+      if (!it) continue;
+      let p = panel;
+      const plain = node.role !== 'axis' && node.role !== 'legend';
+      if (node.marktype === 'group' && it.height > 0 && it.width > 0 && plain) {
+        p = {h: it.height, w: it.width};
+      }
+      if (node.role === 'axis') {
+        const labels = labelsOf(it, []);
+        const xs = labels.map((l) => l.x), ys = labels.map((l) => l.y);
+        const spread = (a) => (a.length ? Math.max(...a) - Math.min(...a) : 0);
+        const vertical = labels.length > 1 && spread(ys) > spread(xs);
+        axes.push({vertical, n: labels.length, texts: labels.map((l) => l.text).slice(0, 20),
+                   span: vertical ? spread(ys) : spread(xs), panel: p});
+        continue;
+      }
+      if (node.marktype === 'line' && node.role === 'mark') {
+        const ys = (node.items || []).map((q) => q.y).filter((y) => Number.isFinite(y));
+        if (ys.length > 1) lines.push({h: p ? p.h : 0, min: Math.min(...ys), max: Math.max(...ys), n: ys.length});
+        break;
+      }
+      if (node.marktype === 'rect' && node.role === 'mark' && it.width !== undefined) bars.push(it.width);
+      if (it.items) walk(it, p);
+    }
+  };
+  walk(v.view.scenegraph().root, null);
+  const box = document.querySelector(v.el).getBoundingClientRect();
+  const embed = document.querySelector(v.el + ' .vega-embed') || document.querySelector(v.el);
+  const inner = embed.getBoundingClientRect();
+  const title = [];
+  const titles = (node) => {
+    for (const it of node.items || []) {
+      if (node.role === 'title-text') title.push(String(it.text));
+      if (it && it.items) titles(it);
+    }
+  };
+  titles(v.view.scenegraph().root);
+  return {el: v.el, left: Math.min(box.left, inner.left),
+          right: Math.max(box.right, inner.right, box.left + embed.scrollWidth),
+          top: box.top + window.scrollY, bottom: Math.max(box.bottom, inner.bottom) + window.scrollY,
+          title: title.join(' '), axes, lines, bars};
+};
 """
 
 if CHROMIUM is None and not os.environ.get("CI"):
@@ -109,14 +174,15 @@ def run_repo(tmp_path_factory) -> Path:
     shutil.copytree(REPO / ".dvc/plots", root / ".dvc/plots", ignore=shutil.ignore_patterns("vendor"))
     for name in ("dvc.yaml", "params.yaml"):
         shutil.copy(REPO / name, root / name)
-    vendor = REPO / ".dvc/plots/vendor/vega-offline.js"
-    figures.vendor_js(vendor)  # what .ci/run does; a no-op when present and current
-    (root / ".dvc/plots/vendor").mkdir()
-    shutil.copy(vendor, root / ".dvc/plots/vendor/vega-offline.js")
     write_inputs(root)
+    grad = pd.read_csv(root / "data/grad_norms.csv")
+    grad.loc[0, "norm"] = 0.0  # a vanishing gradient: a log axis must leave it out, not collapse
+    grad.to_csv(root / "data/grad_norms.csv", index=False)
     _live_curves(root, 1.0)
     r = run_stage(root)
     assert r.returncode == 0, r.stderr
+    # the stage itself wrote the offline bundle the page loads: no extra step after `dvc repro`
+    assert (root / VENDOR_JS).is_file()
     return root
 
 
@@ -139,7 +205,8 @@ async def _render(page: Path, shot: Path, ids: list[str], timeout: float = 60) -
                 targets = await resp.json()
             ws_url = next(t["webSocketDebuggerUrl"] for t in targets if t["type"] == "page")
             async with http.ws_connect(ws_url, max_msg_size=0) as ws:
-                return await _drive(ws, page, shot, MARKS_JS.replace("IDS", json.dumps(ids)), timeout)
+                js = MARKS_JS.replace("IDS", json.dumps(ids)).replace("LAYOUT", LAYOUT_JS)
+                return await _drive(ws, page, shot, js, timeout)
     finally:
         proc.kill()
         await proc.wait()
@@ -195,6 +262,11 @@ async def _drive(
         png = await call("Page.captureScreenshot", format="png", captureBeyondViewport=True)
         shot.parent.mkdir(parents=True, exist_ok=True)
         shot.write_bytes(base64.b64decode(png["data"]))
+        for view in report["layout"]:  # one screenshot per view, at its size on the page, to look at
+            width, height = min(view["right"] + 8, WINDOW), view["bottom"] - view["top"]
+            clip = {"x": 0, "y": view["top"], "width": width, "height": height, "scale": 1}
+            png = await call("Page.captureScreenshot", format="png", captureBeyondViewport=True, clip=clip)
+            shot.with_name(f"{shot.stem}-{view['el'].lstrip('#')}.png").write_bytes(base64.b64decode(png["data"]))
         report["exceptions"] = console
         return report, requests
     finally:
@@ -214,7 +286,40 @@ def _check_page(page: Path, shot: Path, n_plots: int) -> dict:
     assert all(c["surface"] > 0 for c in report["containers"]), report["containers"]
     assert len(report["views"]) == n_plots and all(v["marks"] > 0 for v in report["views"]), report["views"]
     assert report["images"] and all(i["ok"] for i in report["images"]), report["images"]
+    _check_readable(report["layout"])
     return report
+
+
+WINDOW = 1400  # px, the browser window the page must fit (CHROMIUM_FLAGS)
+
+
+def _check_readable(layout: list[dict]) -> None:
+    """What a person sees, view by view: inside the window's width, a y axis with tick labels that span
+    the data, lines that use their panel (not collapsed onto an edge), and a title of its own."""
+    for view in layout:
+        el, lines = view["el"], view["lines"]
+        assert view["left"] >= 0 and view["right"] <= WINDOW, f"{el} spans {view['left']:.0f}-{view['right']:.0f} px"
+        y_axes = [a for a in view["axes"] if a["vertical"]]
+        assert y_axes and all(a["n"] >= 2 for a in y_axes), f"{el}: a y axis without tick labels: {view['axes']}"
+        for line in lines:
+            h = line["h"]
+            assert h > 0, f"{el}: a line outside any panel: {line}"
+            pinned = line["max"] - line["min"] < 1 and (line["min"] <= 1 or line["max"] >= h - 1)
+            assert not pinned, f"{el}: a line collapsed onto the panel's edge: {line}"
+        if lines:
+            spans = sorted((ln["max"] - ln["min"]) / ln["h"] for ln in lines)
+            assert spans[len(spans) // 2] >= 0.1, f"{el}: most lines are flat in their panel: {spans}"
+            data = max(ln["max"] for ln in lines) - min(ln["min"] for ln in lines)
+            ticks = max(a["span"] for a in y_axes)
+            assert ticks >= 0.5 * min(data, max(ln["h"] for ln in lines)), f"{el}: y ticks span {ticks} px of {data}"
+        if view["bars"]:  # a bar a person can see and tell apart (not a 1 px sliver)
+            widths = sorted(view["bars"])
+            assert widths[len(widths) // 2] >= 4, f"{el}: bars too thin to read: {widths[:10]}"
+    titles = [v["title"] for v in layout]
+    assert len(set(titles)) == len(titles), f"views with the same title: {titles}"
+    for view in layout:
+        named = [v for v in figures.VARIANTS if f"_{v}_" in view["el"]]
+        assert all(v in view["title"] for v in named), f"{view['el']} does not name its variant: {view['title']}"
 
 
 def _interactive_plots(root: Path) -> int:

@@ -18,8 +18,8 @@ import sys
 
 import pytest
 
-from digitpairs import numerics
-from digitpairs.pairs import draw_path, make_draw, save_draw
+from digitpairs.core import numerics
+from digitpairs.data.pairs import draw_path, make_draw, save_draw
 from tests.e2e import REPO
 
 pytestmark = pytest.mark.slow

@@ -17,7 +17,7 @@ import pytest
 import yaml
 from PIL import Image, ImageStat
 
-from digitpairs import figures
+from digitpairs.report import figures
 
 REPO = Path(__file__).resolve().parents[1]
 CV_GRID = {
@@ -128,7 +128,7 @@ def run_stage(root: Path) -> subprocess.CompletedProcess:
     """The real stage script, in ``root`` (a folder holding params.yaml and the inputs)."""
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     return subprocess.run(
-        [sys.executable, str(REPO / "stages/figures.py")],
+        [sys.executable, "-m", "stages.figures"],
         cwd=root,
         env=env,
         capture_output=True,

@@ -7,11 +7,12 @@ from dataclasses import replace
 import pytest
 import torch
 
-from digitpairs.lockstep import group_trials, run_lockstep
-from digitpairs.pairs import draw_path, make_draw, save_draw
-from digitpairs.runner import run_trials
-from digitpairs.train import TrainConfig
-from digitpairs.trials import Trial, make_trial, run_trial, variant_score
+from digitpairs.core.variants import variant_score
+from digitpairs.data.pairs import draw_path, make_draw, save_draw
+from digitpairs.training.lockstep import group_trials, run_lockstep
+from digitpairs.training.runner import run_trials
+from digitpairs.training.train import TrainConfig
+from digitpairs.training.trials import Trial, make_trial, run_trial
 
 TINY = dict(nbch1=4, nbch2=8, nbfch=16)
 
@@ -166,7 +167,7 @@ def test_runner_lockstep_engine_matches_loop(tmp_path, mnist_splits):
 
 def test_cpu_split_of_a_big_job_changes_nothing(draws, monkeypatch):
     """On CPU a job is run in cache-sized chunks; the outcomes must not depend on the chunking."""
-    from digitpairs import lockstep
+    from digitpairs.training import lockstep
 
     job = mixed_job("siamese", dict(TINY, batch_norm=True))
     whole = run_lockstep(job, draws, record_grad_norms=True)

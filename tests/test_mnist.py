@@ -9,7 +9,7 @@ import pytest
 import torch
 from torchvision.datasets import MNIST
 
-from digitpairs import mnist
+from digitpairs.data import mnist
 from tests.conftest import serve
 
 FILES = [name for name, _ in MNIST.resources]

@@ -7,11 +7,12 @@ from dataclasses import replace
 import pytest
 import torch
 
-from digitpairs.models import ModelConfig, build_model, load_model, save_model, weight_names
-from digitpairs.pairs import split
-from digitpairs.seeding import generator
-from digitpairs.train import TrainConfig, check_hparams, evaluate, resolve_device, train
-from digitpairs.trials import VARIANTS, make_trial, run_trial, variant_score
+from digitpairs.core.seeding import generator
+from digitpairs.core.variants import VARIANTS, variant_score
+from digitpairs.data.pairs import split
+from digitpairs.training.models import ModelConfig, build_model, load_model, save_model, weight_names
+from digitpairs.training.train import TrainConfig, check_hparams, evaluate, resolve_device, train
+from digitpairs.training.trials import make_trial, run_trial
 
 SMALL = dict(nbch1=8, nbch2=8, nbfch=16)
 

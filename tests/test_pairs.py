@@ -7,7 +7,7 @@ import hashlib
 import torch
 import torch.nn.functional as F
 
-from digitpairs.pairs import SPLITS, draw_path, load_draw, make_draw, save_draw
+from digitpairs.data.pairs import SPLITS, draw_path, load_draw, make_draw, save_draw
 
 
 def test_shapes_dtypes_ranges(draw0):

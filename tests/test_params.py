@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from digitpairs.params import ParamError, validate
+from digitpairs.core.params import MNIST_IMAGES, ParamError, max_pairs, parse, validate
 from tests.e2e import REPO
 
-DEFAULTS = yaml.safe_load((REPO / "params.yaml").read_text())
+DEFAULTS = parse((REPO / "params.yaml").read_text())
 
 
 def test_committed_params_are_valid():
@@ -36,7 +36,7 @@ def edited(section: str, key: str, value) -> dict:
         ("cv", "lr", 0.1, "cv.lr must be a non-empty list"),
         ("cv", "nbch1", [8, "16"], r"cv.nbch1\[1\] must be an integer"),
         ("cv", "batch_norm", ["yes"], r"cv.batch_norm\[0\] must be true or false"),
-        ("cv", "nbfch", [64, 64], "cv.nbfch lists a value twice"),
+        ("cv", "nbfch", [64, 64], "cv.nbfch lists the value 64 twice"),
         ("data", "n_draws", 0, "data.n_draws must be >= 1"),
         ("cv", "n_draws", 0, "cv.n_draws must be >= 1"),
         ("cv", "n_draws", 11, "cv.n_draws=11 exceeds data.n_draws=10"),
@@ -46,11 +46,59 @@ def edited(section: str, key: str, value) -> dict:
         ("train", "engine", "jax", "train.engine must be one of"),
         ("cv", "score_on", "train", "cv.score_on must be one of val, test"),
         ("grad_norms", "draw", 10, "grad_norms.draw=10 must be < data.n_draws"),
+        # the issue's cases: bounds a later stage would enforce, duplicates by value, finite numbers
+        ("data", "n_pairs", 6000, "data.n_pairs must be between 1 and 5000"),
+        ("loss_weights", "exponents", [0, 400], r"loss_weights.exponents\[1\] must be between -10 and 10"),
+        ("loss_weights", "exponents", [0, 0.0], "loss_weights.exponents lists the value 0.0 twice"),
+        ("figures", "dpi", 20000, "figures.dpi must be between 20 and 600"),
+        ("cv", "lr", [1, 1.0], "cv.lr lists the value 1.0 twice"),
+        ("cv", "lr", [float("inf")], r"cv.lr\[0\] must be a finite number"),
+        ("cv", "lr", [float("nan")], r"cv.lr\[0\] must be a finite number"),
+        ("cv", "nbfch", [10**6], r"cv.nbfch\[0\] must be between 1 and 4096"),
+        ("train", "device", "auto", "train.device must be one of cpu, cuda"),
+        ("train", "batch_size", 999, "train.batch_size=999 leaves a mini-batch of 1 pair"),
+        ("train", "batch_size", 1, "train.batch_size=1 leaves a mini-batch of 1 pair"),
     ],
 )
 def test_bad_values_name_the_key(section, key, value, message):
     with pytest.raises(ParamError, match=message):
         validate(edited(section, key, value))
+
+
+def test_yaml_is_read_as_dvc_reads_it():
+    """YAML 1.2 (DVC's ruamel loader): 1e-3 is a float, .inf is infinity and refused, yes is a string."""
+    text = (REPO / "params.yaml").read_text()
+    p = parse(text.replace("lr: [0.01, 0.1, 0.25, 1.0]", "lr: [1e-3, 1]"))
+    assert validate(p)["cv"]["lr"] == [0.001, 1]
+    with pytest.raises(ParamError, match=r"cv.lr\[0\] must be a finite number, got inf"):
+        validate(parse(text.replace("lr: [0.01, 0.1, 0.25, 1.0]", "lr: [.inf]")))
+    with pytest.raises(ParamError, match=r"train.shuffle must be true or false, got 'yes'"):
+        validate(parse(text.replace("shuffle: true", "shuffle: yes")))
+
+
+def test_cuda_is_refused_without_a_gpu():
+    import torch
+
+    p = edited("train", "device", "cuda")
+    if torch.cuda.is_available():
+        assert validate(p) == p
+    else:
+        with pytest.raises(ParamError, match="train.device is cuda but this machine has no usable CUDA GPU; set"):
+            validate(p)
+
+
+def test_pair_bound_comes_from_the_real_mnist_splits(mnist_splits):
+    """MNIST_IMAGES is what the downloaded files hold, and the largest allowed n_pairs draws."""
+    from digitpairs.data.pairs import make_draw
+
+    train_images, _, test_images, _ = mnist_splits
+    assert MNIST_IMAGES == {"train": len(train_images), "test": len(test_images)}
+    assert max_pairs() == 5000
+    assert validate(edited("data", "n_pairs", 5000))
+    tensors, _ = make_draw(*mnist_splits, seed=1, draw=0, n_pairs=max_pairs())
+    assert len(tensors["test_target"]) == 5000
+    with pytest.raises(ValueError, match="needs more images than MNIST has"):
+        make_draw(*mnist_splits, seed=1, draw=0, n_pairs=max_pairs() + 1)
 
 
 def test_unknown_and_missing_sections():
@@ -65,12 +113,13 @@ def test_unknown_and_missing_sections():
 
 
 def stage(tmp: Path, name: str, **env) -> subprocess.CompletedProcess:
+    """``python -m stages.<name>`` with the working directory ``tmp`` and this checkout importable."""
     import os
 
     return subprocess.run(
-        [sys.executable, str(REPO / "stages" / f"{name}.py")],
+        [sys.executable, "-m", f"stages.{name}"],
         cwd=tmp,
-        env={**os.environ, **env},
+        env={**os.environ, "PYTHONPATH": str(REPO), **env},
         capture_output=True,
         text=True,
     )
@@ -90,6 +139,7 @@ def test_mnist_stage_offline_fails_cleanly(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    (tmp_path / "params.yaml").write_text((REPO / "params.yaml").read_text())  # every stage validates first
     cp = stage(tmp_path, "mnist", MNIST_MIRROR=f"http://127.0.0.1:{port}/")
     assert cp.returncode == 1
     lines = cp.stderr.strip().splitlines()

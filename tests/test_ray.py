@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from digitpairs.study import cv_table, cv_trials
+from digitpairs.training.study import cv_table, cv_trials
 from tests.test_runner import PARAMS, pairs_dir  # noqa: F401  (fixture)
 
 ray = pytest.importorskip("ray")
@@ -17,7 +17,7 @@ GRID = {**PARAMS, "cv": {**PARAMS["cv"], "lr": [0.05, 0.1, 0.2, 0.5], "batch_nor
 
 def test_ray_map_starts_and_stops_its_own_instance(pairs_dir):  # noqa: F811
     """Runs first (before the module's instance exists): ray_map starts a local instance itself."""
-    from digitpairs.runner import run_trials
+    from digitpairs.training.runner import run_trials
 
     assert not ray.is_initialized()
     ts = cv_trials("pair", PARAMS)[:2]
@@ -37,7 +37,7 @@ def local_ray():
 
 
 def timed(**kwargs):
-    from digitpairs.runner import run_trials
+    from digitpairs.training.runner import run_trials
 
     t = time.perf_counter()
     out = run_trials(cv_trials("siamese", GRID), kwargs.pop("pairs"), **kwargs)

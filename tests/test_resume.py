@@ -1,9 +1,11 @@
-"""A real `python stages/cv.py pair`, interrupted (SIGINT, SIGKILL), resumes from its checkpoint
-and writes the same CSV, byte for byte, as an uninterrupted run, training only what is missing."""
+"""A real `python -m stages.cv pair`, interrupted (Ctrl-C, SIGKILL), resumes from its checkpoint
+and writes the same CSV, byte for byte, as an uninterrupted run, training only what is missing.
+Ctrl-C ends the stage with one line saying what is kept and how to resume, and exit status 130."""
 
 from __future__ import annotations
 
 import io
+import os
 import re
 import signal
 import subprocess
@@ -32,7 +34,7 @@ CSV = "data/cv/pair.csv"
 def cv_pair(repo) -> tuple[str, float]:
     """Run the stage to the end; return its stderr and wall time."""
     t = time.perf_counter()
-    cp = sh(repo, sys.executable, "stages/cv.py", "pair")
+    cp = sh(repo, sys.executable, "-m", "stages.cv", "pair")
     return cp.stderr, time.perf_counter() - t
 
 
@@ -61,10 +63,12 @@ def lines(repo) -> int:
     return len(path.read_text().splitlines()) if path.exists() else 0
 
 
-def interrupt(repo, sig: signal.Signals, after: int) -> int:
-    """Start the stage, send ``sig`` once the checkpoint holds ``after`` lines; return lines kept."""
+def interrupt(repo, sig: signal.Signals, after: int) -> tuple[int, str, int]:
+    """Start the stage, send ``sig`` once the checkpoint holds ``after`` lines; return the lines kept,
+    the stage's stderr and its exit status. SIGINT goes to the whole process group, as a terminal's
+    Ctrl-C does (the stage's worker processes included)."""
     proc = subprocess.Popen(
-        [sys.executable, "stages/cv.py", "pair"],
+        [sys.executable, "-m", "stages.cv", "pair"],
         cwd=repo,
         env=env(),
         stdout=subprocess.DEVNULL,
@@ -72,24 +76,33 @@ def interrupt(repo, sig: signal.Signals, after: int) -> int:
         # a shell that starts jobs in the background (as CI may) leaves SIGINT ignored, and children
         # inherit that: give the stage the default disposition, as a terminal's Ctrl-C would find it
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        start_new_session=True,  # its own process group, like a terminal's foreground job
     )
     deadline = time.monotonic() + 120
     while lines(repo) < after and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
-    proc.send_signal(sig)
-    proc.communicate(timeout=60)
+    if sig == signal.SIGINT:
+        os.killpg(proc.pid, sig)
+    else:
+        proc.send_signal(sig)
+    _, err = proc.communicate(timeout=60)
     assert proc.returncode != 0, "the run finished before it could be interrupted"
     assert not (repo / CSV).exists()
     kept = lines(repo)
     assert after <= kept < N
-    return kept
+    return kept, err.decode(), proc.returncode
 
 
 def test_sigint_then_sigkill_then_resume_gives_the_same_csv(repo):
     repo, reference, full = repo
     fresh(repo)
-    after_int = interrupt(repo, signal.SIGINT, 2)
-    after_kill = interrupt(repo, signal.SIGKILL, after_int + 2)
+    after_int, err, status = interrupt(repo, signal.SIGINT, 2)
+    # one line after the start-up line: what is kept and how to resume; no traceback, from any process
+    assert status == 130, err
+    assert err.strip().splitlines()[1:] == [
+        f"interrupted: cv@pair: {after_int} of {N} trials are checkpointed in {CKPT}; `dvc repro` resumes from there."
+    ], err
+    after_kill, _, _ = interrupt(repo, signal.SIGKILL, after_int + 2)
     err, seconds = cv_pair(repo)
     done, total = resumed(err)
     assert total == N and after_kill <= done < N  # every recorded trial is reused

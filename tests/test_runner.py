@@ -10,9 +10,9 @@ from dataclasses import replace
 
 import pytest
 
-from digitpairs.pairs import draw_path, make_draw, save_draw
-from digitpairs.runner import Checkpoint, run_trials
-from digitpairs.study import cv_trials
+from digitpairs.data.pairs import draw_path, make_draw, save_draw
+from digitpairs.training.runner import Checkpoint, run_trials
+from digitpairs.training.study import cv_trials
 
 PARAMS = {
     "train": {"epochs": 1, "batch_size": 100, "shuffle": True, "relu_logits": False},

@@ -10,7 +10,7 @@ import sys
 import pytest
 import yaml
 
-from digitpairs import numerics
+from digitpairs.core import numerics
 from tests.e2e import clone, dvc, sh
 
 pytestmark = pytest.mark.slow

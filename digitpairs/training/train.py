@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from digitpairs.models import ARCHS, weight_names
+from digitpairs.training.models import ARCHS, weight_names
 
 
 @dataclass(frozen=True)

@@ -9,12 +9,13 @@ from pathlib import Path
 
 import pandas as pd
 
-from digitpairs.params import GRID_KEYS
-from digitpairs.paths import PAIRS_DIR
-from digitpairs.runner import run_trials
-from digitpairs.stats import ci95, mean_std
-from digitpairs.train import TrainConfig, resolve_device
-from digitpairs.trials import VARIANTS, Outcome, Trial, make_trial, variant_score, variants_of
+from digitpairs.core.params import GRID_KEYS
+from digitpairs.core.paths import PAIRS_DIR
+from digitpairs.core.stats import ci95, mean_std
+from digitpairs.core.variants import VARIANTS, variant_score, variants_of
+from digitpairs.training.runner import run_trials
+from digitpairs.training.train import TrainConfig, resolve_device
+from digitpairs.training.trials import Outcome, Trial, make_trial
 
 CONFIG_KEYS = GRID_KEYS  # what a selected configuration holds: widths, switches and lr
 WIDTH_KEYS = ("nbch1", "nbch2", "nbfch", "batch_norm", "skip_connections")

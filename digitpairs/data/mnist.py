@@ -12,6 +12,9 @@ import torch
 from torchvision.datasets import MNIST
 from torchvision.datasets.utils import check_integrity, download_and_extract_archive, extract_archive
 
+from digitpairs.core.io import StageError
+from digitpairs.core.paths import repo_root
+
 MIRROR_ENV = "MNIST_MIRROR"
 FIX = (
     f"Fix: set {MIRROR_ENV} to an http(s) URL or a local folder that holds the four official "
@@ -19,7 +22,7 @@ FIX = (
 )
 
 
-class MnistUnavailable(RuntimeError):
+class MnistUnavailable(StageError):
     """MNIST could not be obtained or verified; the message says which file and how to fix it."""
 
 
@@ -69,9 +72,11 @@ def _from_urls(mirrors: list[str], dest: Path) -> None:
 def download(root: Path) -> Path:
     """Make ``root`` hold verified, extracted MNIST; return ``root``.
 
-    ``MNIST_MIRROR`` (URL or folder) replaces torchvision's mirror list. Everything is fetched
-    into a temporary folder beside the destination and moved into place only once all four files
-    passed their MD5 check and parse, so a failure never leaves files a later run would trust.
+    ``MNIST_MIRROR`` (URL or folder) replaces torchvision's mirror list; a relative folder is taken
+    from the repository root (:func:`digitpairs.core.paths.repo_root`), also in a queued experiment.
+    Everything is fetched into a temporary folder beside the destination and moved into place only
+    once all four files passed their MD5 check and parse, so a failure never leaves files a later
+    run would trust.
     """
     root = Path(root)
     if is_complete(root):
@@ -83,9 +88,13 @@ def download(root: Path) -> Path:
         dest = raw_folder(tmp)
         dest.mkdir(parents=True)
         if mirror and not mirror.startswith(("http://", "https://")):
-            if not Path(mirror).is_dir():
-                raise MnistUnavailable(f"{MIRROR_ENV}={mirror} is neither an http(s) URL nor an existing folder. {FIX}")
-            _from_folder(Path(mirror), dest)
+            folder = repo_root() / Path(mirror).expanduser()  # an absolute path stays as it is
+            if not folder.is_dir():
+                raise MnistUnavailable(
+                    f"{MIRROR_ENV}={mirror} is neither an http(s) URL nor an existing folder (looked in {folder}; "
+                    f"a relative path is taken from the repository root). {FIX}"
+                )
+            _from_folder(folder, dest)
         else:
             _from_urls([mirror] if mirror else list(MNIST.mirrors), dest)
         for train in (True, False):  # parse once, so a malformed file fails here, not later

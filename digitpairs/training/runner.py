@@ -20,14 +20,20 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from digitpairs import numerics
-from digitpairs.pairs import Draw, draw_path, load_draw
-from digitpairs.trials import Outcome, Trial, run_trial
+from digitpairs.core import numerics
+from digitpairs.data.pairs import Draw, draw_path, load_draw
+from digitpairs.training.trials import Outcome, Trial, run_trial
 
 ENGINES = ("loop", "lockstep")
 EXECUTORS = ("local", "ray")
 # Source files whose code decides a trial's result: a checkpoint written by other code is stale.
-RESULT_CODE = ("models.py", "train.py", "trials.py", "lockstep.py", "seeding.py")
+RESULT_CODE = (
+    "training/models.py",
+    "training/train.py",
+    "training/trials.py",
+    "training/lockstep.py",
+    "core/seeding.py",
+)
 # Torch threads per job, on every executor and whatever the number of jobs or CPUs: a float
 # reduction split over a different number of threads can round differently, and then a resumed
 # run (fewer jobs left) or another executor would not reproduce a trial bit for bit. Parallelism
@@ -48,7 +54,7 @@ def code_digest() -> str:
     """Digest of the training code and torch version, part of every checkpoint key."""
     h = sha256(torch.__version__.encode())
     for name in RESULT_CODE:
-        f = Path(__file__).with_name(name)
+        f = Path(__file__).parents[1] / name  # relative to the package root
         h.update(name.encode() + (f.read_bytes() if f.exists() else b""))
     return h.hexdigest()[:12]
 
@@ -77,7 +83,7 @@ def run_job(
     if device == "cuda":
         numerics.deterministic_cuda()
     if engine == "lockstep":
-        from digitpairs.lockstep import run_lockstep
+        from digitpairs.training.lockstep import run_lockstep
 
         outs = run_lockstep(job, draws, device=device, record_grad_norms=record_grad_norms)
     else:
@@ -92,7 +98,7 @@ def make_jobs(trials: list[Trial], engine: str, batch: int) -> list[list[Trial]]
     """Loop: one trial a job. Lockstep: trials of one architecture and widths, ``batch`` at a time."""
     if engine == "loop":
         return [[t] for t in trials]
-    from digitpairs.lockstep import group_trials
+    from digitpairs.training.lockstep import group_trials
 
     return group_trials(trials, batch)
 
@@ -101,6 +107,9 @@ def _init_worker(threads: int) -> None:
     """Pool worker set-up: the run's thread count, and death with the parent (Linux), so a killed
     stage leaves no orphans training trials nobody will record."""
     torch.set_num_threads(threads)
+    # Ctrl-C reaches the whole process group: the parent alone handles it (and stops the workers),
+    # so the terminal shows its one line, not a traceback per worker
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     except (AttributeError, OSError):
@@ -130,6 +139,8 @@ def local_map(fn: Callable, jobs: list, workers: int, threads: int) -> Iterator:
             yield fut.result()
     except BaseException:  # KeyboardInterrupt, GeneratorExit, a failed job
         pool.shutdown(wait=False, cancel_futures=True)
+        for child in ctx.active_children():  # running jobs: nobody will record their results
+            child.terminate()
         raise
     pool.shutdown()
 
@@ -245,25 +256,35 @@ def run_trials(
         workers = 1 if cuda else max(1, min(cpu_count() // threads, len(jobs)))
     fn = _JobFn(str(pairs_dir), engine, device, record_grad_norms, keep_state)
     if executor == "ray":
-        from digitpairs.ray_executor import ray_map
+        from digitpairs.training.ray_executor import ray_map
 
         results: Iterable = ray_map(
             fn,
             jobs,
             threads=threads,
             gpus=1 if cuda else 0,
+            cpus=cpu_count(),
             shared={d: _draw(str(pairs_dir), d) for d in {t.draw for t in todo}},
             needs=lambda job: sorted({t.draw for t in job}),
         )
     else:
         results = local_map(fn, jobs, workers, threads)
-    with tqdm(total=len(todo), desc=desc, unit="trial", disable=None, file=sys.stderr, smoothing=0.1) as bar:
-        for outs in results:
-            for o in outs:
-                by_key[o.trial.key()] = o
-                if ckpt:
-                    ckpt.add(outcome_row(o, ckey(o.trial)))
-            bar.update(len(outs))
+    try:
+        with tqdm(total=len(todo), desc=desc, unit="trial", disable=None, file=sys.stderr, smoothing=0.1) as bar:
+            for outs in results:
+                for o in outs:
+                    by_key[o.trial.key()] = o
+                    if ckpt:
+                        ckpt.add(outcome_row(o, ckey(o.trial)))
+                bar.update(len(outs))
+    except KeyboardInterrupt:
+        total = len({t.key() for t in trials})
+        if ckpt:
+            kept = sum(ckey(t) in ckpt.done for t in {t.key(): t for t in trials}.values())
+            raise KeyboardInterrupt(
+                f"{desc}: {kept} of {total} trials are checkpointed in {ckpt.path}; `dvc repro` resumes from there."
+            ) from None
+        raise KeyboardInterrupt(f"{desc}: stopped before its {total} trials finished; `dvc repro` reruns it.") from None
     return [by_key[t.key()] for t in trials]
 
 

@@ -9,36 +9,11 @@ from dataclasses import asdict, astuple, dataclass
 import torch
 from torch import nn
 
-from digitpairs.models import ModelConfig, build_model
-from digitpairs.pairs import Draw, split
-from digitpairs.seeding import generator
-from digitpairs.train import TrainConfig, TrainResult, evaluate, train
-
-
-@dataclass(frozen=True)
-class Variant:
-    """A reported model variant: an architecture, its loss weights and the accuracy that scores it."""
-
-    name: str
-    arch: str
-    w2: float
-    w10: float
-    metric: str
-
-
-VARIANTS = {
-    v.name: v
-    for v in (
-        Variant("pair", "pair", 1.0, 0.0, "accuracy"),
-        Variant("siamese-2", "siamese", 1.0, 10**-0.5, "comparison_accuracy"),
-        Variant("siamese-10", "siamese", 0.0, 1.0, "digit_comparison_accuracy"),
-    )
-}
-
-
-def variants_of(arch: str) -> list[Variant]:
-    """The variants trained with architecture ``arch`` (pair: one; siamese: two)."""
-    return [v for v in VARIANTS.values() if v.arch == arch]
+from digitpairs.core.seeding import generator
+from digitpairs.core.variants import VARIANTS
+from digitpairs.data.pairs import Draw, split
+from digitpairs.training.models import ModelConfig, build_model
+from digitpairs.training.train import TrainConfig, TrainResult, evaluate, train
 
 
 @dataclass(frozen=True)
@@ -103,8 +78,3 @@ def run_trial(
     scores = {s: evaluate(model, trial.model.arch, *split(draw, s)) for s in ("val", "test")}
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     return Outcome(trial, scores, result, state)
-
-
-def variant_score(variant: str, scores: dict[str, float]) -> float:
-    """The accuracy that the study reports for ``variant`` from an ``evaluate`` result."""
-    return scores[VARIANTS[variant].metric]

@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from digitpairs.seeding import generator
+from digitpairs.core.params import images_needed
+from digitpairs.core.seeding import generator
 
 SPLITS = ("train", "val", "test")
 FIELDS = ("input", "target", "classes", "index")
@@ -58,11 +59,12 @@ def make_draw(
     Train and validation images come from one permutation of the train split, so they are
     disjoint by construction; test images from the test split. Returns the tensors and metadata.
     """
-    if 4 * n_pairs > len(train_images) or 2 * n_pairs > len(test_images):
+    need = images_needed(n_pairs)
+    if need["train"] > len(train_images) or need["test"] > len(test_images):
         raise ValueError(f"data.n_pairs={n_pairs} needs more images than MNIST has; lower it.")
     g = generator(seed, "pairs", draw)
-    train_perm = torch.randperm(len(train_images), generator=g)[: 4 * n_pairs].view(2, n_pairs, 2)
-    test_perm = torch.randperm(len(test_images), generator=g)[: 2 * n_pairs].view(n_pairs, 2)
+    train_perm = torch.randperm(len(train_images), generator=g)[: need["train"]].view(2, n_pairs, 2)
+    test_perm = torch.randperm(len(test_images), generator=g)[: need["test"]].view(n_pairs, 2)
     picks = {
         "train": (train_perm[0], train_images, train_labels),
         "val": (train_perm[1], train_images, train_labels),

@@ -24,10 +24,10 @@ from itertools import groupby
 import torch
 import torch.nn.functional as F
 
-from digitpairs.models import build_model, weight_names
-from digitpairs.pairs import Draw, split
-from digitpairs.train import TrainResult, check_hparams, epoch_order, fraction, siamese_scores
-from digitpairs.trials import Outcome, Trial
+from digitpairs.data.pairs import Draw, split
+from digitpairs.training.models import build_model, weight_names
+from digitpairs.training.train import TrainResult, check_hparams, epoch_order, fraction, siamese_scores
+from digitpairs.training.trials import Outcome, Trial
 
 EPS, MOMENTUM = 1e-5, 0.1  # nn.BatchNorm's defaults
 EVAL_CHUNK = 250  # pairs per evaluation forward: bounds memory, results do not depend on it

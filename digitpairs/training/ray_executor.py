@@ -19,12 +19,12 @@ def _call(fn: Callable, threads: int, job: list, keys: list, *values: object):
     return fn(job, dict(zip(keys, values, strict=True))) if keys else fn(job)
 
 
-def _start() -> bool:
-    """Connect to RAY_ADDRESS, or start a local instance sized to this process's CPUs, quietly and
-    without a dashboard. Returns whether this call started Ray (and so must shut it down)."""
+def _start(cpus: int) -> bool:
+    """Connect to RAY_ADDRESS, or start a local instance with ``cpus`` CPUs, quietly and without a
+    dashboard. Returns whether this call started Ray (and so must shut it down)."""
     import ray
 
-    from digitpairs import numerics
+    from digitpairs.core import numerics
 
     if ray.is_initialized():
         return False
@@ -38,9 +38,7 @@ def _start() -> bool:
         # the numeric pins in their workers' environment before torch loads.
         ray.init(address=address, runtime_env={"py_modules": [digitpairs], "env_vars": numerics.env()}, **quiet)
     else:
-        from digitpairs.runner import cpu_count
-
-        ray.init(num_cpus=cpu_count(), runtime_env={"env_vars": numerics.env()}, **quiet)
+        ray.init(num_cpus=cpus, runtime_env={"env_vars": numerics.env()}, **quiet)
     return True
 
 
@@ -50,6 +48,7 @@ def ray_map(
     *,
     threads: int = 1,
     gpus: float = 0,
+    cpus: int = 1,
     shared: dict[Hashable, object] | None = None,
     needs: Callable[[list], list] | None = None,
 ) -> Iterator:
@@ -58,13 +57,15 @@ def ray_map(
     Order is not kept: callers match results to trials by key, so scheduling never changes a
     result. ``shared`` values (the draws) go to the object store once; a task receives those that
     ``needs(job)`` names as ``fn(job, {key: value})``, so workers need no access to local files.
+    A local Ray instance (no RAY_ADDRESS) gets ``cpus`` CPUs; the caller knows how many this
+    process may use (it is passed in, so this module imports nothing from the runner: no cycle).
     Ray is shut down at the end, or on an interrupt, if this call started it.
     """
     if not jobs:  # everything resumed from a checkpoint: no need to start or reach a cluster
         return
     import ray
 
-    started = _start()
+    started = _start(cpus)
     pending: list = []
     try:
         refs = {k: ray.put(v) for k, v in (shared or {}).items()}

@@ -21,10 +21,10 @@ import pandas as pd  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from digitpairs.io import write_csv  # noqa: E402
-from digitpairs.params import GRID_KEYS  # noqa: E402
-from digitpairs.stats import group_error, mean_std  # noqa: E402
-from digitpairs.trials import VARIANTS as ALL_VARIANTS  # noqa: E402
+from digitpairs.core.io import write_csv  # noqa: E402
+from digitpairs.core.params import DPI_RANGE, GRID_KEYS  # noqa: E402
+from digitpairs.core.stats import group_error, mean_std  # noqa: E402
+from digitpairs.core.variants import VARIANTS as ALL_VARIANTS  # noqa: E402
 
 VARIANTS = tuple(ALL_VARIANTS)
 # Okabe-Ito: distinguishable under the common colour-vision deficiencies.
@@ -352,8 +352,9 @@ def make_all(root: Path, out: Path, dpi: int) -> list[Path]:
     lw = read_csv(root / "data/loss_weights.csv", LOSS_COLUMNS)
     grad = read_csv(root / "data/grad_norms.csv", GRAD_COLUMNS)
     metrics = read_metrics(root / "models_out/metrics.json")
-    if not isinstance(dpi, int) or isinstance(dpi, bool) or dpi < 10:
-        raise FigureInputError(f"params.yaml: figures.dpi must be an integer >= 10, got {dpi!r}")
+    low, high = DPI_RANGE
+    if not isinstance(dpi, int) or isinstance(dpi, bool) or not low <= dpi <= high:
+        raise FigureInputError(f"params.yaml: figures.dpi must be an integer between {low} and {high}, got {dpi!r}")
 
     draws: dict[str, Callable[[], Figure]] = {name: (lambda n=name: draw_cv(cv, n)) for name in CV_FIGURES}
     draws |= {name: (lambda v=v: draw_grad_norms(grad, v)) for name, v in GRAD_FIGURES.items()}
