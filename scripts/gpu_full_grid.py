@@ -12,12 +12,13 @@ OUT/profile.txt. Trials are checkpointed in STATE: a second run resumes where th
 copy of STATE goes to OUT/state.tar.gz every 20 s, for machines that keep nothing). Back on a
 machine with the project installed:
 
-    python scripts/gpu_full_grid.py publish OUT/results.tar.gz    # -> results/full-grid/
+    python scripts/gpu_full_grid.py publish OUT1 [OUT2 ...]        # -> results/full-grid/
 """
 
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import os
 import platform
@@ -26,6 +27,7 @@ import signal
 import subprocess
 import sys
 import tarfile
+import tempfile
 import threading
 import time
 from dataclasses import replace
@@ -40,12 +42,16 @@ import torch  # noqa: E402
 
 import digitpairs  # noqa: E402,F401  (numeric pins before torch computes)
 from benchmarks.lockstep import trial_flops  # noqa: E402
-from digitpairs import lockstep, mnist, numerics, params, study  # noqa: E402
-from digitpairs.io import write_csv, write_json  # noqa: E402
-from digitpairs.pairs import draw_path, make_draw, save_draw  # noqa: E402
-from digitpairs.runner import run_trials  # noqa: E402
-from digitpairs.train import TrainConfig  # noqa: E402
-from digitpairs.trials import VARIANTS, make_trial, variant_score  # noqa: E402
+from digitpairs.core import numerics, params  # noqa: E402
+from digitpairs.core.io import write_csv, write_json  # noqa: E402
+from digitpairs.core.variants import VARIANTS, variant_score  # noqa: E402
+from digitpairs.data import mnist  # noqa: E402
+from digitpairs.data.pairs import draw_path, load_draw, make_draw, save_draw  # noqa: E402
+from digitpairs.training import lockstep, study  # noqa: E402
+from digitpairs.training.models import ModelConfig  # noqa: E402
+from digitpairs.training.runner import Checkpoint, run_trials  # noqa: E402
+from digitpairs.training.train import TrainConfig  # noqa: E402
+from digitpairs.training.trials import Outcome, Trial, make_trial  # noqa: E402
 
 # The original's grid (SPEC.md, experiment 1), all ten draws everywhere, on the GPU.
 FULL_GRID = {
@@ -150,8 +156,11 @@ def states_equal(a, b) -> bool:
 
 
 def rel_diff(a: dict, b: dict) -> float:
-    return max(float((a[k].double() - b[k].double()).abs().max() / a[k].double().abs().max().clamp_min(1e-12))
-               for k in a if not k.endswith("num_batches_tracked"))  # fmt: skip
+    return max(
+        float((a[k].double() - b[k].double()).abs().max() / a[k].double().abs().max().clamp_min(1e-12))
+        for k in a
+        if not k.endswith("num_batches_tracked")
+    )
 
 
 def run(args: argparse.Namespace) -> None:
@@ -199,17 +208,30 @@ def run(args: argparse.Namespace) -> None:
     splits = (*mnist.load(root, train=True), *mnist.load(root, train=False))
     for d in range(p["data"]["n_draws"]):
         if not draw_path(pairs, d).exists():
-            save_draw(*make_draw(*splits, seed=p["data"]["seed"], draw=d, n_pairs=p["data"]["n_pairs"]),
-                      draw_path(pairs, d))  # fmt: skip
+            save_draw(
+                *make_draw(*splits, seed=p["data"]["seed"], draw=d, n_pairs=p["data"]["n_pairs"]), draw_path(pairs, d)
+            )
     prov["draw_sha256"] = [sha256(draw_path(pairs, d).read_bytes()).hexdigest() for d in range(p["data"]["n_draws"])]
     log(f"draws ready; draw 0 sha256 {prov['draw_sha256'][0][:16]}")
-    fp = None if args.skip_checks else subprocess.run([sys.executable, "-m", "tests.cpu_fingerprint", str(pairs)], cwd=REPO, capture_output=True,
-                        text=True, timeout=300)  # fmt: skip
+    fp = (
+        None
+        if args.skip_checks
+        else subprocess.run(
+            [sys.executable, "-m", "tests.cpu_fingerprint", str(pairs)],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+    )
     prov["cpu_fingerprint"] = (fp.stdout.strip() or fp.stderr[-500:]) if fp else "skipped"
     log(f"CPU fingerprint with pins on this host's CPU: {prov['cpu_fingerprint']}")
-    if cuda and not args.skip_checks:  # a CUDA-graph capture that fails can spoil its process's CUDA context: try it in a child first
-        smoke = subprocess.run([sys.executable, __file__, "graph-smoke", str(pairs)], cwd=REPO, capture_output=True,
-                               text=True, timeout=300)  # fmt: skip
+    if (
+        cuda and not args.skip_checks
+    ):  # a CUDA-graph capture that fails can spoil its process's CUDA context: try it in a child first
+        smoke = subprocess.run(
+            [sys.executable, __file__, "graph-smoke", str(pairs)], cwd=REPO, capture_output=True, text=True, timeout=300
+        )
         ok = smoke.returncode == 0
         prov["cuda_graphs"] = "on" if ok else f"off: {smoke.stderr[-800:]}"
         os.environ["DIGITPAIRS_CUDA_GRAPHS"] = "1" if ok else "0"
@@ -234,8 +256,16 @@ def run(args: argparse.Namespace) -> None:
     outcomes, complete = {}, True
     try:
         for arch in trials:
-            outcomes[arch] = run_trials(trials[arch], pairs, engine="lockstep", device=DEV, workers=workers,
-                                        batch=100, checkpoint=ckpt, desc=f"cv@{arch}")  # fmt: skip
+            outcomes[arch] = run_trials(
+                trials[arch],
+                pairs,
+                engine="lockstep",
+                device=DEV,
+                workers=workers,
+                batch=100,
+                checkpoint=ckpt,
+                desc=f"cv@{arch}",
+            )
             log(f"cv@{arch}: {len(trials[arch])} trainings done")
     except Deadline:
         complete = False
@@ -247,10 +277,15 @@ def run(args: argparse.Namespace) -> None:
     tables = state / "results"
     if complete:
         grid_flops = sum(trial_flops(x) for v in trials.values() for x in v)
-        tuning["grid"] = {"trainings": total, "wall_s": grid_s, "trainings_per_s": total / grid_s,
-                          "tflops": grid_flops / grid_s / 1e12}  # fmt: skip
+        tuning["grid"] = {
+            "trainings": total,
+            "wall_s": grid_s,
+            "trainings_per_s": total / grid_s,
+            "tflops": grid_flops / grid_s / 1e12,
+        }
         log(
-            f"grid: {total} trainings in {grid_s:.0f} s = {total / grid_s:.0f}/s, {grid_flops / grid_s / 1e12:.1f} TFLOP/s"
+            f"grid: {total} trainings in {grid_s:.0f} s = {total / grid_s:.0f}/s, "
+            f"{grid_flops / grid_s / 1e12:.1f} TFLOP/s"
         )
         selected = {}
         for arch, outs in outcomes.items():
@@ -261,22 +296,48 @@ def run(args: argparse.Namespace) -> None:
         # 7. the experiments that follow the selection, on all draws
         t = time.perf_counter()
         lw = p["loss_weights"]
-        outs = run_trials(study.loss_weight_trials(selected, p), pairs, engine="lockstep", device=DEV,
-                          workers=workers, batch=100, checkpoint=state / "loss_weights.jsonl", desc="loss_weights")  # fmt: skip
+        outs = run_trials(
+            study.loss_weight_trials(selected, p),
+            pairs,
+            engine="lockstep",
+            device=DEV,
+            workers=workers,
+            batch=100,
+            checkpoint=state / "loss_weights.jsonl",
+            desc="loss_weights",
+        )
         write_csv(study.loss_weight_table(outs, lw["exponents"], lw["score_on"]), tables / "loss_weights.csv")
-        outs = run_trials(study.grad_norm_trials(selected, p), pairs, engine="lockstep", device=DEV, workers=1,
-                          record_grad_norms=True, desc="grad_norms")  # fmt: skip
+        outs = run_trials(
+            study.grad_norm_trials(selected, p),
+            pairs,
+            engine="lockstep",
+            device=DEV,
+            workers=1,
+            record_grad_norms=True,
+            desc="grad_norms",
+        )
         write_csv(study.grad_norm_table(outs), tables / "grad_norms.csv")
-        outs = run_trials(study.final_trials(selected, p), pairs, engine="lockstep", device=DEV, workers=1,
-                          batch=100, desc="train")  # fmt: skip
-        scores = pd.DataFrame([{"variant": o.trial.variant, "draw": o.trial.draw,
-                                "accuracy": variant_score(o.trial.variant, o.scores["test"])} for o in outs])  # fmt: skip
+        outs = run_trials(
+            study.final_trials(selected, p), pairs, engine="lockstep", device=DEV, workers=1, batch=100, desc="train"
+        )
+        scores = pd.DataFrame(
+            [
+                {
+                    "variant": o.trial.variant,
+                    "draw": o.trial.draw,
+                    "accuracy": variant_score(o.trial.variant, o.scores["test"]),
+                }
+                for o in outs
+            ]
+        )
         write_csv(scores, tables / "test_scores.csv")
         write_json(study.final_metrics(scores, selected), tables / "metrics.json")
         phase("loss_weights_grad_norms_final", t)
         for v, m in json.loads((tables / "metrics.json").read_text()).items():
-            log(f"final {v:10s}: test {m['accuracy_mean']:.4f} +- {m['accuracy_std']:.4f} "
-                f"CI [{m['ci95_low']:.4f}, {m['ci95_high']:.4f}] config {m['config']}")  # fmt: skip
+            log(
+                f"final {v:10s}: test {m['accuracy_mean']:.4f} +- {m['accuracy_std']:.4f} "
+                f"CI [{m['ci95_low']:.4f}, {m['ci95_high']:.4f}] config {m['config']}"
+            )
     prov["total_wall_s"] = round(time.perf_counter() - T0, 1)
     write_json(prov, tables / "provenance.json")
     write_json(tuning, tables / "tuning.json")
@@ -296,29 +357,44 @@ def checks_and_tuning(args, p: dict, pairs: Path, prov: dict, tuning: dict, tria
     widths = dict(nbch1=32, nbch2=64, nbfch=256, batch_norm=True, skip_connections=True)
     equiv = {}
     for epochs in (1, 25):
-        eq = [make_trial(v, widths if not args.tiny else LARGEST, TrainConfig(lr=0.1, epochs=epochs), draw=d, seed=1)
-                  for v in VARIANTS for d in (0, 1)]  # fmt: skip
+        eq = [
+            make_trial(v, widths if not args.tiny else LARGEST, TrainConfig(lr=0.1, epochs=epochs), draw=d, seed=1)
+            for v in VARIANTS
+            for d in (0, 1)
+        ]
         cpu = run_trials(eq, pairs, engine="loop", device="cpu", workers=6, keep_state=True, desc="cpu")
         gpu = run_trials(eq, pairs, engine="lockstep", device=DEV, workers=1, keep_state=True, desc="gpu")
         rows = []
         for c, g in zip(cpu, gpu, strict=True):
             v = c.trial.variant
-            rows.append({
-                "variant": v, "draw": c.trial.draw, "epochs": epochs, "weights_rel_diff": rel_diff(c.state, g.state),
-                "cpu_test": variant_score(v, c.scores["test"]), "gpu_test": variant_score(v, g.scores["test"]),
-            })  # fmt: skip
+            rows.append(
+                {
+                    "variant": v,
+                    "draw": c.trial.draw,
+                    "epochs": epochs,
+                    "weights_rel_diff": rel_diff(c.state, g.state),
+                    "cpu_test": variant_score(v, c.scores["test"]),
+                    "gpu_test": variant_score(v, g.scores["test"]),
+                }
+            )
         equiv[epochs] = rows
         for r in rows:
-            log(f"equivalence {epochs:2d} epoch(s) {r['variant']:10s} draw {r['draw']}: weights rel diff "
-                f"{r['weights_rel_diff']:.2e}, test acc cpu {r['cpu_test']:.3f} gpu {r['gpu_test']:.3f}")  # fmt: skip
+            log(
+                f"equivalence {epochs:2d} epoch(s) {r['variant']:10s} draw {r['draw']}: weights rel diff "
+                f"{r['weights_rel_diff']:.2e}, test acc cpu {r['cpu_test']:.3f} gpu {r['gpu_test']:.3f}"
+            )
     tuning["equivalence"] = equiv
     phase("equivalence", t)
 
     # 4. determinism, CUDA graphs, TF32, deterministic-mode cost: one job of the largest widths (K=100)
     t = time.perf_counter()
     nd = p["data"]["n_draws"]
-    big = [make_trial(v.name, LARGEST, TrainConfig(lr=lr, epochs=p["train"]["epochs"]), draw=d, seed=1)
-           for v in study.variants_of("siamese") for lr in p["cv"]["lr"] for d in range(nd)]  # fmt: skip
+    big = [
+        make_trial(v.name, LARGEST, TrainConfig(lr=lr, epochs=p["train"]["epochs"]), draw=d, seed=1)
+        for v in study.variants_of("siamese")
+        for lr in p["cv"]["lr"]
+        for d in range(nd)
+    ]
     draws = {d: study_draw(pairs, d) for d in range(nd)}
     if cuda:
         numerics.deterministic_cuda()
@@ -342,27 +418,44 @@ def checks_and_tuning(args, p: dict, pairs: Path, prov: dict, tuning: dict, tria
         numerics.deterministic_cuda()
     lockstep.CUDA_GRAPHS = True
     flops = sum(trial_flops(x) for x in big)
-    acc = {name: sum(variant_score(o.trial.variant, o.scores["test"]) for o in res) / len(res)
-           for name, res in (("fp32", a), ("tf32", f))}  # fmt: skip
+    acc = {
+        name: sum(variant_score(o.trial.variant, o.scores["test"]) for o in res) / len(res)
+        for name, res in (("fp32", a), ("tf32", f))
+    }
     peak32, peak_tf32 = matmul_peak(False), matmul_peak(True)
     tuning["largest_job"] = {
-        "trials": len(big), "widths": LARGEST, "flops": flops, "graphs_s": t_graph, "graphs_repeat_s": t_graph2,
-        "eager_s": t_eager, "nondeterministic_s": t_nondet, "tf32_s": t_tf32,
-        "repeat_identical": states_equal(a, b), "graphs_equal_eager": states_equal(a, e),
-        "mean_test_acc_fp32": acc["fp32"], "mean_test_acc_tf32": acc["tf32"],
-        "max_abs_test_acc_diff_tf32": max(abs(variant_score(x.trial.variant, x.scores["test"])
-                                              - variant_score(y.trial.variant, y.scores["test"]))
-                                          for x, y in zip(a, f, strict=True)),
-        "matmul_fp32_flops": peak32, "matmul_tf32_flops": peak_tf32,
+        "trials": len(big),
+        "widths": LARGEST,
+        "flops": flops,
+        "graphs_s": t_graph,
+        "graphs_repeat_s": t_graph2,
+        "eager_s": t_eager,
+        "nondeterministic_s": t_nondet,
+        "tf32_s": t_tf32,
+        "repeat_identical": states_equal(a, b),
+        "graphs_equal_eager": states_equal(a, e),
+        "mean_test_acc_fp32": acc["fp32"],
+        "mean_test_acc_tf32": acc["tf32"],
+        "max_abs_test_acc_diff_tf32": max(
+            abs(variant_score(x.trial.variant, x.scores["test"]) - variant_score(y.trial.variant, y.scores["test"]))
+            for x, y in zip(a, f, strict=True)
+        ),
+        "matmul_fp32_flops": peak32,
+        "matmul_tf32_flops": peak_tf32,
         "fraction_of_fp32_matmul": flops / t_graph / peak32,
-    }  # fmt: skip
+    }
     j = tuning["largest_job"]
-    log(f"largest widths, {len(big)} trials: graphs {t_graph:.2f}s (again {t_graph2:.2f}s, identical: {j['repeat_identical']}),"
+    log(
+        f"largest widths, {len(big)} trials: graphs {t_graph:.2f}s "
+        f"(again {t_graph2:.2f}s, identical: {j['repeat_identical']}),"
         f" eager {t_eager:.2f}s (equal to graphs: {j['graphs_equal_eager']}), non-deterministic {t_nondet:.2f}s,"
-        f" TF32 {t_tf32:.2f}s")  # fmt: skip
-    log(f"  {flops / t_graph / 1e12:.1f} TFLOP/s = {j['fraction_of_fp32_matmul']:.0%} of measured fp32 matmul "
+        f" TF32 {t_tf32:.2f}s"
+    )
+    log(
+        f"  {flops / t_graph / 1e12:.1f} TFLOP/s = {j['fraction_of_fp32_matmul']:.0%} of measured fp32 matmul "
         f"({peak32 / 1e12:.1f} TFLOP/s; TF32 matmul {peak_tf32 / 1e12:.1f}); mean test acc fp32 {acc['fp32']:.4f}"
-        f" tf32 {acc['tf32']:.4f}, max per-trial diff {j['max_abs_test_acc_diff_tf32']:.3f}")  # fmt: skip
+        f" tf32 {acc['tf32']:.4f}, max per-trial diff {j['max_abs_test_acc_diff_tf32']:.3f}"
+    )
     profile(big[:20], draws)
     phase("determinism_and_tuning", t)
 
@@ -376,8 +469,9 @@ def checks_and_tuning(args, p: dict, pairs: Path, prov: dict, tuning: dict, tria
         if not sample:
             continue
         done = time.perf_counter()
-        run_trials(sample, pairs, engine="lockstep", device=DEV, workers=workers, batch=100,
-                   checkpoint=ckpt, desc="sample")  # fmt: skip
+        run_trials(
+            sample, pairs, engine="lockstep", device=DEV, workers=workers, batch=100, checkpoint=ckpt, desc="sample"
+        )
         rates[workers] = len(sample) / (time.perf_counter() - done)
         log(f"sample of {len(sample)} grid trials with {workers} process(es): {rates[workers]:.0f} trainings/s")
     workers = max(rates, key=rates.get)
@@ -389,8 +483,6 @@ def checks_and_tuning(args, p: dict, pairs: Path, prov: dict, tuning: dict, tria
 
 
 def study_draw(pairs: Path, d: int):
-    from digitpairs.pairs import load_draw
-
     return load_draw(draw_path(pairs, d))
 
 
@@ -432,40 +524,114 @@ def graph_smoke(pairs: Path) -> None:
 
 
 def publish(args: argparse.Namespace) -> None:
-    """results.tar.gz from a GPU run -> results/full-grid/ (tables, figures, provenance, README numbers)."""
-    from digitpairs import figures
+    """GPU runs -> results/full-grid/: tables from the trial checkpoint (complete or not), the run's
+    reports, provenance, and the study's cross-validation figures drawn by the project's own code."""
+    from digitpairs.report import figures
 
-    with tarfile.open(args.archive) as tar:
-        members = {m.name: tar.extractfile(m).read() for m in tar.getmembers() if m.isfile()}
+    global DEV
+    DEV = "cpu"  # the params as the GPU ran them, validated here without a GPU
+    runs = [Path(r) for r in args.runs]
+    with tempfile.TemporaryDirectory() as tmp:
+        with tarfile.open(runs[-1] / "state.tar.gz") as tar:
+            tar.extractall(tmp, filter="data")
+        done = Checkpoint(Path(tmp) / "state/cv.jsonl").done.values()
+    by_key = {}
+    for row in done:
+        t = row["trial"]
+        trial = Trial(t["variant"], ModelConfig(**t["model"]), TrainConfig(**t["train"]), t["draw"], t["seed"])
+        by_key[trial.key()] = Outcome(trial, row["scores"])
+    p = full_params(tiny=False)
     dest = RESULTS
     shutil.rmtree(dest, ignore_errors=True)
     (dest / "cv").mkdir(parents=True)
-    for name, data in members.items():
-        rel = Path(name).relative_to("results")
-        target = dest / rel
-        target.parent.mkdir(parents=True, exist_ok=True)
-        if rel.suffix == ".csv" and len(data) > 1 << 20:  # large tables compressed (nothing over 2 MiB)
-            import gzip
+    summary, frames = {}, []
+    for arch in ("pair", "siamese"):
+        grid = study.cv_trials(arch, p)
+        outs = [by_key[t.key()] for t in grid if t.key() in by_key]
+        table = study.cv_table(outs, p["cv"]["score_on"])
+        # a combination counts once all its draws finished; the rest are listed as missing
+        key = [*study.CONFIG_KEYS, "variant"]
+        counts = table.groupby(key)["draw"].transform("count")
+        complete = table[counts == p["cv"]["n_draws"]]
+        frames.append(complete)
+        missing = len(grid) - len(outs)
+        write_table(table, dest / f"cv/{arch}.csv")
+        selected = study.select(complete)
+        write_json(selected, dest / f"cv/{arch}_selected.json")
+        shapes = {
+            (t.model.nbch1, t.model.nbch2, t.model.nbfch, t.model.batch_norm, t.model.skip_connections)
+            for t in grid
+            if t.key() not in by_key
+        }
+        summary[arch] = {
+            "trainings": len(grid),
+            "finished": len(outs),
+            "missing": missing,
+            "combinations_complete": int(len(complete) / p["cv"]["n_draws"] / len(study.variants_of(arch))),
+            "combinations": len(study.grid(p["cv"])),
+            "shapes_missing": sorted(map(list, shapes)),
+            "selected_over_complete_combinations": selected,
+        }
+    cv = pd.concat(frames, ignore_index=True)
+    for name in figures.CV_FIGURES:
+        figures.save(figures.draw_cv(cv, name), dest / "plots", name, 150)
+    logs = []
+    for i, run in enumerate(runs, 1):
+        logs.append(f"## run {i}\n" + (run / "log.txt").read_text())
+        with tarfile.open(run / "results.tar.gz") as tar:
+            prov = json.loads(tar.extractfile("results/provenance.json").read())
+            if i == 1:
+                tuning = json.loads(tar.extractfile("results/tuning.json").read())
+        summary.setdefault("runs", []).append({"wall_s": prov["wall_s"], "grid_complete": prov["grid_complete"]})
+        if i == 1:
+            first = prov
+    (dest / "log.txt").write_text("\n".join(logs))
+    shutil.copy(runs[0] / "profile.txt", dest / "profile.txt")
+    write_json(tuning, dest / "tuning.json")
+    grid_s = sum(r["wall_s"].get("grid", 0) + r["wall_s"].get("process_tuning", 0) for r in summary["runs"])
+    finished = summary["pair"]["finished"] + summary["siamese"]["finished"]
+    provenance = {
+        k: first[k]
+        for k in (
+            "gpu",
+            "gpu_memory_gib",
+            "multiprocessors",
+            "nvidia_smi",
+            "cpu",
+            "cpu_avx512",
+            "torch",
+            "cuda",
+            "python",
+            "numerics",
+            "params",
+            "draw_sha256",
+        )
+    }
+    provenance["grid"] = {
+        "complete": all(summary[a]["missing"] == 0 for a in ("pair", "siamese")),
+        "trainings_finished": finished,
+        "trainings_total": summary["pair"]["trainings"] + summary["siamese"]["trainings"],
+        "wall_s": round(grid_s, 1),
+        "trainings_per_s": round(finished / grid_s, 1),
+        "per_arch": {
+            a: {k: v for k, v in summary[a].items() if k != "selected_over_complete_combinations"}
+            for a in ("pair", "siamese")
+        },
+        "runs": summary["runs"],
+    }
+    provenance["params"]["train"]["device"] = "cuda"
+    provenance["selected"] = {a: summary[a]["selected_over_complete_combinations"] for a in ("pair", "siamese")}
+    write_json(provenance, dest / "provenance.json")
+    print(json.dumps(provenance["grid"], indent=1)[:3000])
 
-            target = target.with_suffix(".csv.gz")
-            target.write_bytes(gzip.compress(data, mtime=0))
-        else:
-            target.write_bytes(data)
-    if "results/metrics.json" not in members:
-        print("the run was partial: tables only, no figures")
-        return
-    # figures by the project's own code, from a folder laid out as the pipeline's
-    import tempfile
 
-    with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp)
-        for rel, name in (("data/cv/pair.csv", "cv/pair.csv"), ("data/cv/siamese.csv", "cv/siamese.csv"),
-                          ("data/loss_weights.csv", "loss_weights.csv"), ("data/grad_norms.csv", "grad_norms.csv"),
-                          ("models_out/metrics.json", "metrics.json")):  # fmt: skip
-            (root / rel).parent.mkdir(parents=True, exist_ok=True)
-            (root / rel).write_bytes(members[f"results/{name}"])
-        figures.make_all(root, dest / "plots", 150)
-    print(f"published to {dest}")
+def write_table(df: pd.DataFrame, path: Path) -> None:
+    """CSV, gzip-compressed (reproducibly: no timestamp) when over 1 MiB, so nothing committed tops 2 MiB."""
+    text = df.to_csv(index=False, lineterminator="\n").encode()
+    if len(text) <= 1 << 20:
+        path.write_bytes(text)
+    else:
+        path.with_suffix(".csv.gz").write_bytes(gzip.compress(text, mtime=0))
 
 
 def main() -> None:
@@ -480,9 +646,11 @@ def main() -> None:
     r.add_argument("--device", default="cuda", choices=("cuda", "cpu"), help="cpu: test this script without a GPU")
     r.add_argument("--tiny", action="store_true", help="a tiny grid (with --device cpu: a test of this script)")
     r.add_argument("--reserve", type=float, default=45, help="seconds kept after the grid for the rest")
-    r.add_argument("--skip-checks", action="store_true", help="straight to the grid (a resumed run), --workers processes")
-    pb = sub.add_parser("publish")
-    pb.add_argument("archive")
+    r.add_argument(
+        "--skip-checks", action="store_true", help="straight to the grid (a resumed run), --workers processes"
+    )
+    pb = sub.add_parser("publish", help="GPU run folders (each: log.txt, results.tar.gz; the last: state.tar.gz)")
+    pb.add_argument("runs", nargs="+")
     sub.add_parser("graph-smoke").add_argument("pairs")
     args = ap.parse_args()
     if args.cmd == "graph-smoke":
