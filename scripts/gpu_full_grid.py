@@ -37,6 +37,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # the checkout's package, whatever is installed
 
+import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
@@ -620,9 +621,37 @@ def publish(args: argparse.Namespace) -> None:
         "runs": summary["runs"],
     }
     provenance["params"]["train"]["device"] = "cuda"
+    default = pd.concat([pd.read_csv(Path(args.default_cv) / f"{a}.csv") for a in ("pair", "siamese")])
+    write_json(comparison(default, cv), dest / "comparison.json")
     provenance["selected"] = {a: summary[a]["selected_over_complete_combinations"] for a in ("pair", "siamese")}
     write_json(provenance, dest / "provenance.json")
     print(json.dumps(provenance["grid"], indent=1)[:3000])
+
+
+DIMENSIONS = {"nbch1": ("nbch1",), "nbch2": ("nbch2",), "nbfch": ("nbfch",), "lr": ("lr",),
+              "BN/skip": ("batch_norm", "skip_connections")}  # fmt: skip
+
+
+def comparison(default: pd.DataFrame, full: pd.DataFrame) -> dict:
+    """What the full grid changes against the default subset: each variant's selected configuration,
+    the value each cross-validation figure peaks at, and the ranking of the variants."""
+    out: dict = {"dimensions": list(DIMENSIONS), "variants": {}, "ranking": {}}
+    for name, cv in (("default", default), ("full", full)):
+        means = cv.groupby(["variant", *study.CONFIG_KEYS])["score"].mean().reset_index()
+        selected = study.select(cv)
+        ranking = means.groupby("variant")["score"].mean().sort_values(ascending=False)
+        out["ranking"][name] = list(ranking.index)
+        for variant in VARIANTS:
+            v = out["variants"].setdefault(variant, {"best": {d: {} for d in DIMENSIONS}})
+            sel = selected[variant]
+            v[name] = {"config": {k: sel[k] for k in study.CONFIG_KEYS}, "score": sel["score_mean"]}
+            mine = means[means["variant"] == variant]
+            for dim, keys in DIMENSIONS.items():
+                best = mine.groupby(list(keys))["score"].mean().idxmax()
+                best = best if isinstance(best, tuple) else (best,)
+                label = "/".join(("on" if b else "off") if isinstance(b, bool | np.bool_) else f"{b:g}" for b in best)
+                v["best"][dim][name] = label
+    return out
 
 
 def write_table(df: pd.DataFrame, path: Path) -> None:
@@ -651,6 +680,7 @@ def main() -> None:
     )
     pb = sub.add_parser("publish", help="GPU run folders (each: log.txt, results.tar.gz; the last: state.tar.gz)")
     pb.add_argument("runs", nargs="+")
+    pb.add_argument("--default-cv", default="data/cv", help="the default run's CV tables, for comparison.json")
     sub.add_parser("graph-smoke").add_argument("pairs")
     args = ap.parse_args()
     if args.cmd == "graph-smoke":

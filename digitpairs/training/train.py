@@ -50,8 +50,8 @@ def check_hparams(arch: str, cfg: TrainConfig, n_train: int) -> None:
 
 
 def resolve_device(name: str) -> torch.device:
-    """``cpu`` or ``cuda``, never chosen for the user: a GPU gives other (deterministic per GPU model)
-    results than a CPU, so the device is a declared setting that dvc.lock records."""
+    """``cpu`` or ``cuda``, never chosen for the user: a GPU gives other results than a CPU, so the
+    device is a declared setting that dvc.lock records."""
     if name not in ("cpu", "cuda"):
         raise ValueError(f"unknown device {name!r}; choose cpu or cuda (train.device in params.yaml).")
     if name == "cuda" and not torch.cuda.is_available():

@@ -1,0 +1,142 @@
+"""Write the README's tables of numbers from the committed result files, so no number is typed by hand.
+
+    python scripts/readme.py            # rewrite the blocks between <!-- NAME:begin --> and <!-- NAME:end -->
+    python scripts/readme.py --check    # exit 1 if README.md differs from what the files say (tests do this)
+
+Blocks: ``results`` (models_out/metrics.json) and ``full-grid`` (results/full-grid/provenance.json and
+comparison.json, written by ``scripts/gpu_full_grid.py publish``).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+README = REPO / "README.md"
+METRICS = REPO / "models_out/metrics.json"
+FULL_GRID = REPO / "results/full-grid"
+
+
+def pct(x: float) -> str:
+    return f"{100 * x:.1f}"
+
+
+def config(c: dict) -> str:
+    """``32/32/256, BN on, skip off, lr 0.1``."""
+    on = {True: "on", False: "off"}
+    return (
+        f"{c['nbch1']}/{c['nbch2']}/{c['nbfch']}, BN {on[c['batch_norm']]}, "
+        f"skip {on[c['skip_connections']]}, lr {c['lr']:g}"
+    )
+
+
+def results_block() -> str:
+    metrics = json.loads(METRICS.read_text())
+    rows = [
+        "| variant | test accuracy (mean ± std, 10 draws) | 95% CI "
+        "| selected configuration (nbch1/nbch2/nbfch, BN, skip, lr) |",
+        "| --- | --- | --- | --- |",
+    ]
+    for variant in ("pair", "siamese-2", "siamese-10"):
+        m = metrics[variant]
+        rows.append(
+            f"| {variant} | {pct(m['accuracy_mean'])}% ± {pct(m['accuracy_std'])} | "
+            f"[{pct(m['ci95_low'])}, {pct(m['ci95_high'])}] | {config(m['config'])} |"
+        )
+    return "\n".join(rows)
+
+
+def full_grid_block() -> str:
+    prov = json.loads((FULL_GRID / "provenance.json").read_text())
+    comp = json.loads((FULL_GRID / "comparison.json").read_text())
+    g = prov["grid"]
+    pair, siamese = g["per_arch"]["pair"], g["per_arch"]["siamese"]
+    lines = [
+        f"- GPU: {prov['gpu']} ({prov['gpu_memory_gib']} GiB), PyTorch {prov['torch']}, CUDA {prov['cuda']}; "
+        f"finished {g['trainings_finished']:,} of {g['trainings_total']:,} trainings "
+        f"({100 * g['trainings_finished'] / g['trainings_total']:.1f}%) in {g['wall_s']:.0f} s of grid wall time "
+        f"over {len(g['runs'])} runs ({g['trainings_per_s']:.0f} trainings/s).",
+        f"- pair: {pair['combinations_complete']} of {pair['combinations']} combinations complete; "
+        f"siamese: {siamese['combinations_complete']} of {siamese['combinations']} "
+        f"({siamese['missing']:,} trainings missing, {len(siamese['shapes_missing'])} widths/BN/skip shapes "
+        "listed in `provenance.json`).",
+        "",
+        "| variant | selected on the default subset | CV score | selected on the full grid | CV score |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for variant, c in comp["variants"].items():
+        lines.append(
+            f"| {variant} | {config(c['default']['config'])} | {pct(c['default']['score'])}% | "
+            f"{config(c['full']['config'])} | {pct(c['full']['score'])}% |"
+        )
+    lines += [
+        "",
+        "| figure: value with the highest mean accuracy | " + " | ".join(comp["variants"]) + " |",
+        "| --- |" + " --- |" * len(comp["variants"]),
+    ]
+    for dim in comp["dimensions"]:
+        cells = [
+            f"{comp['variants'][v]['best'][dim]['default']} / {comp['variants'][v]['best'][dim]['full']}"
+            for v in comp["variants"]
+        ]
+        lines.append(f"| {dim} (default subset / full grid) | " + " | ".join(cells) + " |")
+    tun = json.loads((FULL_GRID / "tuning.json").read_text())
+    big, procs = tun["largest_job"], tun["processes"]["trainings_per_s"]
+    eq = tun["equivalence"]["25"]
+    lines.insert(
+        2,
+        f"- At that rate the whole grid takes about {g['trainings_total'] / g['trainings_per_s'] / 60:.0f} minutes "
+        f"(projection). Largest widths (one job of {big['trials']} models, 64/64/512, BN and skips): "
+        f"{big['graphs_s']:.2f} s with CUDA graphs, {big['eager_s']:.2f} s without; "
+        f"{big['flops'] / big['graphs_s'] / 1e12:.1f} TFLOP/s = {100 * big['fraction_of_fp32_matmul']:.0f}% of the "
+        f"measured float32 matmul rate ({big['matmul_fp32_flops'] / 1e12:.0f} TFLOP/s). A sample of the grid: "
+        + ", ".join(f"{float(r):.0f} trainings/s with {n} process(es)" for n, r in procs.items())
+        + ".",
+    )
+    lines.insert(
+        3,
+        f"- CUDA lockstep against the CPU loop, 25 epochs, {len(eq)} trials (3 variants x 2 draws): largest test "
+        f"accuracy difference {100 * max(abs(r['gpu_test'] - r['cpu_test']) for r in eq):.1f} points (equal in "
+        f"distribution; the weights differ, as float rounding grows over 25 epochs). TF32: "
+        f"{big['tf32_s']:.2f} s against {big['graphs_s']:.2f} s, mean test accuracy {pct(big['mean_test_acc_tf32'])}% "
+        f"against {pct(big['mean_test_acc_fp32'])}% (the published run is float32). Determinism: two runs of the "
+        f"largest job bit-identical: {'yes' if big['repeat_identical'] else 'no'}; deterministic mode cost: "
+        f"{big['graphs_s']:.2f} s against {big['nondeterministic_s']:.2f} s without it.",
+    )
+    ranking = {k: " > ".join(v) for k, v in comp["ranking"].items()}
+    lines += [
+        "",
+        f"Ranking by mean CV accuracy over the grid: default subset {ranking['default']}; full grid {ranking['full']}.",
+    ]
+    return "\n".join(lines)
+
+
+BLOCKS = {"results": results_block, "full-grid": full_grid_block}
+
+
+def render(text: str) -> str:
+    for name, block in BLOCKS.items():
+        pattern = re.compile(rf"(<!-- {name}:begin -->\n).*?(\n<!-- {name}:end -->)", re.S)
+        if not pattern.search(text):
+            raise SystemExit(f"README.md has no <!-- {name}:begin --> ... <!-- {name}:end --> block.")
+        text = pattern.sub(lambda m, b=block: m.group(1) + b() + m.group(2), text)
+    return text
+
+
+def main() -> int:
+    text = README.read_text()
+    new = render(text)
+    if "--check" in sys.argv[1:]:
+        if new != text:
+            print("README.md's tables differ from the result files: run `python scripts/readme.py`.")
+            return 1
+        return 0
+    README.write_text(new)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
