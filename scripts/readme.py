@@ -93,7 +93,7 @@ def full_grid_block() -> str:
         f"{big['graphs_s']:.2f} s with CUDA graphs, {big['eager_s']:.2f} s without; "
         f"{big['flops'] / big['graphs_s'] / 1e12:.1f} TFLOP/s = {100 * big['fraction_of_fp32_matmul']:.0f}% of the "
         f"measured float32 matmul rate ({big['matmul_fp32_flops'] / 1e12:.0f} TFLOP/s). A sample of the grid: "
-        + ", ".join(f"{float(r):.0f} trainings/s with {n} process(es)" for n, r in procs.items())
+        + ", ".join(f"{float(r):.0f} trainings/s with {n} process{'es' * (n != '1')}" for n, r in procs.items())
         + ".",
     )
     lines.insert(
@@ -103,8 +103,8 @@ def full_grid_block() -> str:
         f"distribution; the weights differ, as float rounding grows over 25 epochs). TF32: "
         f"{big['tf32_s']:.2f} s against {big['graphs_s']:.2f} s, mean test accuracy {pct(big['mean_test_acc_tf32'])}% "
         f"against {pct(big['mean_test_acc_fp32'])}% (the published run is float32). Determinism: two runs of the "
-        f"largest job bit-identical: {'yes' if big['repeat_identical'] else 'no'}; deterministic mode cost: "
-        f"{big['graphs_s']:.2f} s against {big['nondeterministic_s']:.2f} s without it.",
+        f"largest job bit-identical: {'yes' if big['repeat_identical'] else 'no'}; with PyTorch's deterministic "
+        f"mode {big['graphs_s']:.2f} s, without it {big['nondeterministic_s']:.2f} s.",
     )
     ranking = {k: " > ".join(v) for k, v in comp["ranking"].items()}
     lines += [
