@@ -5,20 +5,19 @@ round differently, and 25 epochs of SGD turn the last bit into another model. Ea
 control the library itself documents; nothing is re-implemented here.
 
 - ``MKL_CBWR=AVX2,STRICT`` (every GEMM: the lockstep engine's batched matmuls, the loop engine's
-  linear layers and im2col convolutions). oneMKL's Conditional Numerical Reproducibility: "to ensure
-  oneMKL calls return the same results on every Intel CPU supporting Intel AVX2 instructions ... set
-  MKL_CBWR=AVX2", and in strict mode "?gemm ... bitwise reproducible results ... even when the number
-  of threads changes" (oneMKL Developer Guide, "Getting Started with Conditional Numerical
-  Reproducibility" and "Reproducibility Conditions"). On AVX-512/AMX machines it holds MKL to the
-  AVX2 branch. On non-Intel CPUs MKL reports ``CNR:AUTO``: the guide promises nothing there, so the
-  match with Intel CPUs is measured (AMD host vs emulated Intel Haswell and AMD EPYC,
-  ``tests/test_cpus.py``), not assumed.
+  linear layers and im2col convolutions). oneMKL's Conditional Numerical Reproducibility: the AVX2
+  branch gives the same results on every Intel CPU that supports AVX2, and strict mode keeps ?gemm
+  bitwise reproducible even when the thread count changes (oneMKL Developer Guide, "Getting Started
+  with Conditional Numerical Reproducibility" and "Reproducibility Conditions"). On AVX-512/AMX
+  machines it holds MKL to the AVX2 branch. On non-Intel CPUs MKL reports ``CNR:AUTO``: the guide
+  promises nothing there, so the match with Intel CPUs is measured (AMD host vs emulated Intel
+  Haswell and AMD EPYC, ``tests/test_cpus.py``), not assumed.
 - ``ATEN_CPU_CAPABILITY=avx2`` (reductions, softmax, exp/log, batch-norm statistics, max-pool):
   PyTorch compiles these kernels once per ISA and its DispatchStub uses at most the capability named
   by this variable (read once, at the first dispatched operation).
 - oneDNN off (``torch.backends.mkldnn.enabled = False``): oneDNN promises bitwise-equal results only
-  "if the hardware platform and software environment ... are identical" (oneDNN guide, "Primitive
-  Attributes: deterministic"); its convolution kernels choose blockings per CPU. NNPACK off
+  on an identical hardware platform and software environment (oneDNN guide, "Primitive Attributes:
+  deterministic"); its convolution kernels are generated per CPU. NNPACK off
   (``torch.backends.nnpack.set_flags(False)``): with oneDNN off PyTorch would route the loop engine's
   convolutions to NNPACK, whose Winograd kernels have CPU-specific code and were 36x less accurate
   here (relative error 5e-6 against float64, 1.5e-7 for GEMM). With both off, convolutions take
