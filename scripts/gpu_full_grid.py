@@ -396,9 +396,10 @@ def checks_and_tuning(args, p: dict, pairs: Path, prov: dict, tuning: dict, tria
         for lr in p["cv"]["lr"]
         for d in range(nd)
     ]
-    draws = {d: study_draw(pairs, d) for d in range(nd)}
+    draws = {d: load_draw(draw_path(pairs, d)) for d in range(nd)}
     if cuda:
         numerics.deterministic_cuda()
+    graphs_ok = lockstep.CUDA_GRAPHS  # off if the smoke test failed: then every "graphs" run is eager
 
     def job(graphs: bool) -> tuple[float, list]:
         lockstep.CUDA_GRAPHS = graphs
@@ -406,18 +407,18 @@ def checks_and_tuning(args, p: dict, pairs: Path, prov: dict, tuning: dict, tria
         secs = cuda_time(lambda: res.extend(lockstep.run_lockstep(big, draws, device=DEV)))
         return secs, res
 
-    job(True)  # warm-up: kernels, cuBLAS handles
-    t_graph, a = job(True)
-    t_graph2, b = job(True)
+    job(graphs_ok)  # warm-up: kernels, cuBLAS handles
+    t_graph, a = job(graphs_ok)
+    t_graph2, b = job(graphs_ok)
     t_eager, e = job(False)
     torch.use_deterministic_algorithms(False)
-    t_nondet, _ = job(True)
+    t_nondet, _ = job(graphs_ok)
     torch.backends.cuda.matmul.allow_tf32 = True
-    t_tf32, f = job(True)
+    t_tf32, f = job(graphs_ok)
     torch.backends.cuda.matmul.allow_tf32 = False
     if cuda:
         numerics.deterministic_cuda()
-    lockstep.CUDA_GRAPHS = True
+    lockstep.CUDA_GRAPHS = graphs_ok
     flops = sum(trial_flops(x) for x in big)
     acc = {
         name: sum(variant_score(o.trial.variant, o.scores["test"]) for o in res) / len(res)
@@ -483,17 +484,13 @@ def checks_and_tuning(args, p: dict, pairs: Path, prov: dict, tuning: dict, tria
     return workers
 
 
-def study_draw(pairs: Path, d: int):
-    return load_draw(draw_path(pairs, d))
-
-
 def profile(job, draws) -> None:
     """Where one eager job's time goes on the GPU (top kernels), to OUT/profile.txt."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as prof
 
     short = [replace(x, train=replace(x.train, epochs=2)) for x in job]
-    lockstep.CUDA_GRAPHS = False
+    graphs, lockstep.CUDA_GRAPHS = lockstep.CUDA_GRAPHS, False
     try:
         cuda = DEV == "cuda"
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
@@ -503,7 +500,7 @@ def profile(job, draws) -> None:
         table = pr.key_averages().table(sort_by="cuda_time_total" if cuda else "cpu_time_total", row_limit=25)
     except Exception as err:  # the profile is a report, not a result: never let it stop the run
         table = f"profile failed: {err!r}"
-    lockstep.CUDA_GRAPHS = True
+    lockstep.CUDA_GRAPHS = graphs
     (OUT / "profile.txt").write_text(table + "\n")
     log("profile written to profile.txt")
 
@@ -514,7 +511,7 @@ def graph_smoke(pairs: Path) -> None:
     numerics.deterministic_cuda()
     widths = dict(nbch1=8, nbch2=16, nbfch=32, batch_norm=True, skip_connections=True)
     job = [make_trial(v, widths, TrainConfig(lr=0.1, epochs=2), draw=0, seed=1) for v in ("siamese-2", "siamese-10")]
-    draws = {0: study_draw(pairs, 0)}
+    draws = {0: load_draw(draw_path(pairs, 0))}
     lockstep.CUDA_GRAPHS = True
     a = lockstep.run_lockstep(job, draws, device="cuda")
     lockstep.CUDA_GRAPHS = False
@@ -576,20 +573,19 @@ def publish(args: argparse.Namespace) -> None:
     cv = pd.concat(frames, ignore_index=True)
     for name in figures.CV_FIGURES:
         figures.save(figures.draw_cv(cv, name), dest / "plots", name, 150)
-    logs = []
-    for i, run in enumerate(runs, 1):
-        logs.append(f"## run {i}\n" + (run / "log.txt").read_text())
+    provs = []
+    for run in runs:
         with tarfile.open(run / "results.tar.gz") as tar:
-            prov = json.loads(tar.extractfile("results/provenance.json").read())
-            if i == 1:
-                tuning = json.loads(tar.extractfile("results/tuning.json").read())
-        summary.setdefault("runs", []).append({"wall_s": prov["wall_s"], "grid_complete": prov["grid_complete"]})
-        if i == 1:
-            first = prov
+            provs.append(json.loads(tar.extractfile("results/provenance.json").read()))
+    with tarfile.open(runs[0] / "results.tar.gz") as tar:
+        tuning = json.loads(tar.extractfile("results/tuning.json").read())
+    first = provs[0]  # the run that checked and tuned: environment, draws, numerics
+    run_walls = [{"wall_s": q["wall_s"], "grid_complete": q["grid_complete"]} for q in provs]
+    logs = [f"## run {i}\n" + (run / "log.txt").read_text() for i, run in enumerate(runs, 1)]
     (dest / "log.txt").write_text("\n".join(logs))
     shutil.copy(runs[0] / "profile.txt", dest / "profile.txt")
     write_json(tuning, dest / "tuning.json")
-    grid_s = sum(r["wall_s"].get("grid", 0) + r["wall_s"].get("process_tuning", 0) for r in summary["runs"])
+    grid_s = sum(r["wall_s"].get("grid", 0) + r["wall_s"].get("process_tuning", 0) for r in run_walls)
     finished = summary["pair"]["finished"] + summary["siamese"]["finished"]
     provenance = {
         k: first[k]
@@ -618,7 +614,7 @@ def publish(args: argparse.Namespace) -> None:
             a: {k: v for k, v in summary[a].items() if k != "selected_over_complete_combinations"}
             for a in ("pair", "siamese")
         },
-        "runs": summary["runs"],
+        "runs": run_walls,
     }
     provenance["params"]["train"]["device"] = "cuda"
     default = pd.concat([pd.read_csv(Path(args.default_cv) / f"{a}.csv") for a in ("pair", "siamese")])

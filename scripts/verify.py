@@ -54,8 +54,8 @@ def compare(committed: dict, recomputed: dict) -> list[str]:
     want, got = outputs(committed, ran), outputs(recomputed, ran)
     lines = []
     for path in sorted(want.keys() | got.keys()):
-        stage, md5 = want.get(path, (got.get(path, ("?", ""))[0], None))
-        new = got.get(path, (stage, None))[1]
+        stage = (want.get(path) or got[path])[0]
+        md5, new = (want.get(path, (stage, None))[1], got.get(path, (stage, None))[1])
         if md5 is None:
             lines.append(f"MISSING  {path} ({stage}): not in the committed dvc.lock")
         elif new is None:
