@@ -7,6 +7,7 @@ FLOPs are counted analytically (training: 3 x forward MACs x 2 per sample and ep
 forward MACs x 2 per val/test pair) and compared with a measured large float32 matmul.
 
     python -m benchmarks.lockstep --quick        # under 5 minutes on a 2-core machine
+    python -m benchmarks.lockstep --quick --profile   # also the top operators of one lockstep job
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ from pathlib import Path
 import torch
 
 from digitpairs.data import mnist
-from digitpairs.data.pairs import draw_path, make_draw, save_draw
+from digitpairs.data.pairs import draw_path, load_draw, make_draw, save_draw
+from digitpairs.training.lockstep import run_lockstep
 from digitpairs.training.models import ModelConfig
 from digitpairs.training.runner import run_trials
 from digitpairs.training.train import TrainConfig
@@ -72,6 +74,28 @@ def spanning_set(per_config: int, epochs: int, full: bool) -> dict[str, list[Tri
     return sets
 
 
+def profile_job(trials: list[Trial], pairs: Path, rows: int = 15) -> None:
+    """Top operators by self CPU time (torch.profiler) of one lockstep job, run in this process with
+    the current thread count: the largest widths' siamese trials with batch norm and skips (the
+    slowest group of the set), as ``run_lockstep`` runs them (split into CPU chunks)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    job = [t for t in trials if t.model.arch == "siamese" and t.model.batch_norm and t.model.skip_connections]
+    job = job or trials
+    draws = {d: load_draw(draw_path(pairs, d)) for d in sorted({t.draw for t in job})}
+    run_lockstep(job[:2], draws)  # warm-up
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        t0 = time.perf_counter()
+        run_lockstep(job, draws)
+        secs = time.perf_counter() - t0
+    cfg = job[0].model
+    print(
+        f"profile: {len(job)} {cfg.arch} trainings, widths {cfg.nbch1}/{cfg.nbch2}/{cfg.nbfch}, batch norm and "
+        f"skips, {job[0].train.epochs} epoch(s), {torch.get_num_threads()} threads: {secs:.2f} s (profiled)"
+    )
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows, max_name_column_width=40))
+
+
 def timed(trials: list[Trial], pairs: Path, engine: str, workers: int, batch: int) -> float:
     t0 = time.perf_counter()
     threads = max(1, (os.cpu_count() or 1) // workers)
@@ -88,6 +112,7 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=None)
     ap.add_argument("--per-config", type=int, default=None, help="trainings per (arch, widths, bn, skip)")
     ap.add_argument("--batch", type=int, default=64, help="lockstep K upper bound (run_lockstep splits further on CPU)")
+    ap.add_argument("--profile", action="store_true", help="also print the top operators of one lockstep job")
     args = ap.parse_args()
     epochs = args.epochs or (1 if args.quick else 5)
     per_config = args.per_config or (12 if args.quick else 40)
@@ -125,6 +150,8 @@ def main() -> None:
                 )
                 if not best[engine] or total < best[engine]["total"]:
                     best[engine] = {"total": total, "mode": mode, **secs}  # type: ignore[dict-item]
+        if args.profile:
+            profile_job(sets["large"], pairs)
     n = sum(len(t) for t in sets.values())
     flops = {name: sum(trial_flops(t) for t in trials) for name, trials in sets.items()}
     loop, lock = best["loop"], best["lockstep"]

@@ -6,10 +6,12 @@ from dataclasses import replace
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from digitpairs.core.variants import variant_score
 from digitpairs.data.pairs import draw_path, make_draw, save_draw
-from digitpairs.training.lockstep import group_trials, run_lockstep
+from digitpairs.training import lockstep
+from digitpairs.training.lockstep import conv1_cols, group_trials, im2col, run_lockstep
 from digitpairs.training.runner import run_trials
 from digitpairs.training.train import TrainConfig
 from digitpairs.training.trials import Trial, make_trial, run_trial
@@ -180,3 +182,86 @@ def test_cpu_split_of_a_big_job_changes_nothing(draws, monkeypatch):
         )
         for key, value in a.state.items():
             assert_close(value, b.state[key], 1e-5, key)
+
+
+def test_im2col_rows_are_conv1_windows_grouped_by_pooling_member():
+    """Row (q, p) of an image's im2col is the 3x3 window of conv1's output position
+    (2 pi + di, 2 pj + dj), q = 2 di + dj, p = 6 pi + pj; columns (kh, kw, c)."""
+    g = torch.Generator().manual_seed(0)
+    for c in (1, 2):
+        img = torch.randn(3, 14, 14, c, generator=g)
+        w = torch.randn(5, c, 3, 3, generator=g)
+        cols = im2col(img)
+        assert cols.shape == (3, 4 * 36 * 9 * c)
+        z = cols.view(3, 2, 2, 6, 6, 9 * c) @ w.permute(2, 3, 1, 0).reshape(9 * c, 5)
+        ref = F.conv2d(img.permute(0, 3, 1, 2), w).view(3, 5, 6, 2, 6, 2).permute(0, 3, 5, 2, 4, 1)
+        torch.testing.assert_close(z, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("channels", [8, 16])  # channels-first maps below 16 channels, channels-last above
+@pytest.mark.parametrize("c", [1, 2])
+def test_conv_pool_relu_matches_max_pool2d_with_ties(channels, c):
+    """Forward and gradients equal conv2d -> max_pool2d -> +bias -> ReLU's, including ties: images of
+    0s and 1s with 0/1 weights make many equal outputs from different windows, where only
+    max_pool2d's choice (the first maximum) gives its weight gradient."""
+    g = torch.Generator().manual_seed(1)
+    k, b = 2, 5
+    img = torch.randint(0, 2, (k * b, 14, 14, c), generator=g).float()
+    weight = torch.randint(0, 2, (k, channels, c, 3, 3), generator=g).float()
+    bias = torch.randn(k, channels, generator=g)
+    upstream = torch.randn(k, b * 36, channels, generator=g)
+
+    w = weight.permute(0, 3, 4, 2, 1).reshape(k, 9 * c, channels).requires_grad_()
+    bs = bias.view(k, 1, channels).clone().requires_grad_()
+    cols = conv1_cols(im2col(img), torch.arange(k * b).view(k, b))
+    out = lockstep._ConvPoolReLU.apply(cols, w, bs)
+    out.backward(upstream)
+    with torch.no_grad():
+        torch.testing.assert_close(lockstep._conv_pool_relu(cols, w, bs), out, rtol=0, atol=0)
+
+    ref_w, ref_b = weight.clone().requires_grad_(), bias.clone().requires_grad_()
+    x = img.view(k, b, 14, 14, c).permute(0, 1, 4, 2, 3)
+    ref = torch.stack(
+        [F.relu(F.max_pool2d(F.conv2d(x[i], ref_w[i]), 2) + ref_b[i].view(-1, 1, 1)) for i in range(k)]
+    )  # [K, b, channels, 6, 6]
+    ref = ref.permute(0, 1, 3, 4, 2).reshape(k, b * 36, channels)
+    ref.backward(upstream)
+    with torch.no_grad():  # ties happen: windows whose maximum two or more members reach
+        y = F.conv2d(x[0], weight[0]).view(b, channels, 6, 2, 6, 2)
+        assert ((y == y.amax((3, 5), keepdim=True)).sum((3, 5)) > 1).float().mean() > 0.1
+    torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(w.grad, ref_w.grad.permute(0, 3, 4, 2, 1).reshape(k, 9 * c, channels))
+    torch.testing.assert_close(bs.grad.view(k, channels), ref_b.grad)
+
+
+def test_batch_norm_function_matches_functional():
+    g = torch.Generator().manual_seed(2)
+    k, r, n = 3, 50, 7
+    h = (torch.randn(k, r, n, generator=g) * 2 + 1).requires_grad_()
+    weight = torch.randn(k, 1, n, generator=g).requires_grad_()
+    bias = torch.randn(k, 1, n, generator=g).requires_grad_()
+    upstream = torch.randn(k, r, n, generator=g)
+    out, mean, var = lockstep._BatchNorm.apply(h, weight, bias)
+    out.backward(upstream)
+    h2, w2, b2 = (t.detach().clone().requires_grad_() for t in (h, weight, bias))
+    ref = torch.stack([F.batch_norm(h2[i], None, None, w2[i, 0], b2[i, 0], training=True) for i in range(k)])
+    ref.backward(upstream)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(mean, h.detach().mean(1, keepdim=True))
+    torch.testing.assert_close(var, h.detach().var(1, keepdim=True, correction=0))
+    for a, b in ((h, h2), (weight, w2), (bias, b2)):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["pair", "siamese"])
+def test_lockstep_matches_loop_with_channels_last_maps(draws, arch):
+    """16 conv1 channels or more take the channels-last path of conv1's maps (the other tests: 4)."""
+    job = mixed_job(arch, dict(nbch1=16, nbch2=8, nbfch=16))[:2]
+    for trial, out in zip(job, run_lockstep(job, draws, record_grad_norms=True), strict=True):
+        ref = run_trial(trial, draws[trial.draw], record_grad_norms=True)
+        for key, value in ref.state.items():
+            if not key.endswith("num_batches_tracked"):
+                assert_close(value, out.state[key], 1e-4, key)
+        torch.testing.assert_close(out.result.grad_norms, ref.result.grad_norms, rtol=3e-4, atol=1e-6)
+        for split in ("val", "test"):
+            assert out.scores[split] == pytest.approx(ref.scores[split], abs=2e-3)
