@@ -10,6 +10,12 @@ Internal layouts differ from ``nn.Module``'s where that saves copies (feature ma
 channels-last, ``(position, channel)``); :func:`_layout` maps each state-dict tensor to its
 stacked form and back, so outcomes carry ordinary state dicts that ``build_model`` accepts.
 
+conv1 reads an im2col (:func:`im2col`) whose rows keep the four members of every 2x2 pooling
+window in four blocks, so max-pool is a running elementwise maximum of four matmul outputs and the
+pooled maps come out in the layout the next layers read; conv1 + pool + ReLU and batch norm have
+hand-written backwards (:class:`_ConvPoolReLU`, :class:`_BatchNorm`) that touch each map a few
+times instead of through autograd's chain of intermediates.
+
 On CPU a job is further cut into chunks whose activations stay cache- and allocator-friendly
 (:data:`CPU_ACTIVATION_BYTES`); on CUDA the whole job is one computation, so pass a large batch.
 """
@@ -33,8 +39,9 @@ EPS, MOMENTUM = 1e-5, 0.1  # nn.BatchNorm's defaults
 # pairs per evaluation forward: bounds memory, results do not depend on it; on CPU, 100 keeps a
 # forward's maps in cache (250 was 3-10% slower at the largest widths)
 EVAL_CHUNK = 100
-# CPU: largest conv1 activation of one step. Beyond it tensors leave the cache and glibc serves them
-# with fresh mmap pages (page faults every step); measured on a 2-core machine, bigger K was slower.
+# CPU: bound on K * (conv1's four unpooled maps of one step), which sets K per chunk (9 pair or 4
+# siamese models at widths 64). With the pooled conv1 a step keeps a quarter of that in one map, and
+# time per model-step measured flat from K = 1 to 12 on a 2-core machine (within 10%), so the bound stays.
 CPU_ACTIVATION_BYTES = 32 << 20
 # CUDA: capture each job's SGD step as a CUDA graph after this many eager steps (see _GraphedStep);
 # DIGITPAIRS_CUDA_GRAPHS=0 turns it off (in worker processes too).
@@ -347,7 +354,8 @@ class _Stack:
         weight, bias = self.t[f"{layer}.weight"], self.t[f"{layer}.bias"]
         if not training:
             scale = torch.rsqrt(rv + EPS) * weight
-            return torch.addcmul(bias - rm * scale, h, scale)
+            out = None if torch.is_grad_enabled() else h  # evaluation: in place
+            return torch.addcmul(bias - rm * scale, h, scale, out=out)
         out, mean, var = _BatchNorm.apply(h, weight, bias)
         with torch.no_grad():
             n = h.shape[1]
@@ -360,19 +368,28 @@ class _Stack:
         ``[K, B, 196 * C]`` images -> ``[K, B, n_out]``."""
         k, b = flat.shape[:2]
         nb1, p = self.cfg.nbch1, "branch."
-        conv = _ConvPoolReLU.apply if torch.is_grad_enabled() else _conv_pool_relu
+        grad = torch.is_grad_enabled()
+        conv = _ConvPoolReLU.apply if grad else _conv_pool_relu
         h = conv(cols, self.t[p + "conv1.weight"], self.t[p + "conv1.bias"])  # [K, B * 36, nb1]
         if self.cfg.batch_norm:
             h = self._bn(h, p + "bn1", training)
         h = h.view(k, b, 36 * nb1)
+
+        def relu(x: torch.Tensor) -> torch.Tensor:  # x: a fresh matmul output, whose backward keeps no copy of it
+            return F.relu(x, inplace=True)
+
+        def add_skip(h: torch.Tensor, layer: str) -> torch.Tensor:  # h + relu(skip(flat)), in place when evaluating
+            skip = relu(self._linear(flat, p + layer))
+            return h + skip if grad else skip.add_(h)
+
         if self.cfg.skip_connections:
-            h = h + F.relu(self._linear(flat, p + "skip1"))
-        h = F.relu(self._linear(h, p + "conv2"))
+            h = add_skip(h, "skip1")
+        h = relu(self._linear(h, p + "conv2"))
         if self.cfg.batch_norm:
             h = self._bn(h, p + "bn2", training)
         if self.cfg.skip_connections:
-            h = h + F.relu(self._linear(flat, p + "skip2"))
-        h = F.relu(self._linear(h, p + "fc1"))
+            h = add_skip(h, "skip2")
+        h = relu(self._linear(h, p + "fc1"))
         if self.cfg.batch_norm:
             h = self._bn(h, p + "bn3", training)
         return self._linear(h, p + "fc2")
