@@ -39,10 +39,11 @@ EPS, MOMENTUM = 1e-5, 0.1  # nn.BatchNorm's defaults
 # pairs per evaluation forward: bounds memory, results do not depend on it; on CPU, 100 keeps a
 # forward's maps in cache (250 was 3-10% slower at the largest widths)
 EVAL_CHUNK = 100
-# CPU: bound on K * (conv1's four unpooled maps of one step), which sets K per chunk (9 pair or 4
-# siamese models at widths 64). With the pooled conv1 a step keeps a quarter of that in one map, and
-# time per model-step measured flat from K = 1 to 12 on a 2-core machine (within 10%), so the bound stays.
-CPU_ACTIVATION_BYTES = 32 << 20
+# CPU: bound on K * (conv1's four unpooled maps of one step), which sets K per chunk (13 pair or 6
+# siamese models at widths 64). Measured on a 2-core machine, 12 trainings at widths 64: with one
+# thread, time per model-step flat from K = 1 to 12 (within 10%); with two, pair K = 12 was 12-15%
+# faster than K = 9 (fewer chunks, larger batched matmuls), siamese K = 4 and 6 equal.
+CPU_ACTIVATION_BYTES = 48 << 20
 # CUDA: capture each job's SGD step as a CUDA graph after this many eager steps (see _GraphedStep);
 # DIGITPAIRS_CUDA_GRAPHS=0 turns it off (in worker processes too).
 CUDA_GRAPHS = os.environ.get("DIGITPAIRS_CUDA_GRAPHS", "1") != "0"
