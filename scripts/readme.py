@@ -121,11 +121,10 @@ def faithful_block() -> str:
             f"{pct(t['accuracy_mean'])}% ± {pct(t['accuracy_std'])} | {config(t['config'])} |"
         )
     overrides = ", ".join(f"`{k}={v}`" for k, v in prov["overrides"].items())
-    wall = f"{prov['wall_s'] / 60:.1f} min" if prov.get("wall_s") else "time not recorded"
     rows += [
         "",
         f"Faithful mode: {overrides}; `{prov['command']}` on commit `{prov['baseline_commit'][:7]}` "
-        f"({prov['machine']}; {wall}).",
+        f"({prov['machine']}).",
     ]
     return "\n".join(rows)
 
