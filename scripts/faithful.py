@@ -3,10 +3,11 @@
     python scripts/faithful.py          # `make faithful`: run the experiment, then export its results
     python scripts/faithful.py --export # only export an experiment named `faithful` that already ran
 
-Faithful mode changes four params and nothing else: the ReLU on every head's logits
-(``train.relu_logits``), no shuffling (``train.shuffle``), and selection on the test pairs
-(``cv.score_on``, ``loss_weights.score_on``). It runs as ``dvc exp run --temp`` in a temporary copy,
-so the workspace and its committed results stay as they are; `dvc exp show` lists it afterwards.
+Faithful mode changes five params and nothing else: the ReLU on every head's logits
+(``train.relu_logits``), no shuffling (``train.shuffle``), selection on the test pairs
+(``cv.score_on``, ``loss_weights.score_on``) and the original's error bars (``figures.error_bars``).
+It runs as ``dvc exp run --temp`` in a temporary copy, so the workspace and its committed results
+stay as they are; `dvc exp show` lists it afterwards.
 The export copies the experiment's ``metrics.json`` and ``findings.json`` (git-tracked, so part of
 the experiment's commit) to ``results/faithful/`` with a ``provenance.json``, from which
 ``scripts/readme.py`` writes the README's comparison table.
@@ -30,6 +31,7 @@ OVERRIDES = {
     "train.shuffle": "false",
     "cv.score_on": "test",
     "loss_weights.score_on": "test",
+    "figures.error_bars": "grid",
 }
 FILES = ("models_out/metrics.json", "models_out/findings.json", "params.yaml")
 

@@ -202,6 +202,11 @@ def test_cv_table_is_spec_formula_by_hand():
     assert list(t["n"]) == [2, 1] and list(t.index) == ["8", "16"]  # numeric order, not text order
     bn = figures.cv_table(_tiny_cv(), ("batch_norm", "skip_connections"))
     assert list(bn["value"]) == ["BN on, skip off"] and bn["mean"].iloc[0] == pytest.approx((0.7 + 0.5 + 0.8) / 3)
+    # the original's error bars: the same sums over the 3 combinations of the whole grid
+    grid = figures.cv_table(_tiny_cv(), ("nbch1",), error_bars="grid").set_index("value")
+    assert grid.loc["8", "err"] == pytest.approx(math.sqrt(0.02) / 3) and grid.loc["16", "err"] == pytest.approx(
+        math.sqrt(0.02) / 3
+    )
 
 
 def test_drawn_bars_are_the_table(made: Path):

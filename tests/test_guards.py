@@ -101,6 +101,7 @@ BAD = [
     ("recipe.shift", "7"),  # more than half a digit
     ("recipe.batch_size", "999"),
     ("figures.dpi", "20000"),  # would exhaust memory
+    ("figures.error_bars", "sem"),
 ]
 
 

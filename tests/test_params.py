@@ -68,6 +68,7 @@ def edited(section: str, key: str, value) -> dict:
         ("recipe", "shift", 5, "recipe.shift must be between 0 and 4"),
         ("recipe", "batch_size", 999, "recipe.batch_size=999 leaves a mini-batch of 1 pair"),
         ("recipe", "executor", "dask", "recipe.executor must be one of local, ray"),
+        ("figures", "error_bars", "sem", "figures.error_bars must be one of group, grid"),
     ],
 )
 def test_bad_values_name_the_key(section, key, value, message):

@@ -176,7 +176,7 @@ SCHEMA: dict[str, dict[str, Check]] = {
         "label_smoothing": _fraction,
         "shift": _int(0, 4),
     },
-    "figures": {"dpi": _int(*DPI_RANGE)},
+    "figures": {"dpi": _int(*DPI_RANGE), "error_bars": _choice("group", "grid")},
 }
 
 

@@ -19,10 +19,12 @@ def mean_std(values: pd.Series) -> tuple[float, float]:
     return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0
 
 
-def group_error(stds: pd.Series) -> float:
-    """Error bar of a mean of group means, as in the original: sqrt(sum of stds squared) / n."""
+def group_error(stds: pd.Series, divisor: int | None = None) -> float:
+    """Error bar of a mean of group means: sqrt(sum of stds squared) / n, the standard error of a mean
+    of n independent means. The original's code divides by the number of combinations in the whole
+    grid instead (``divisor``), which gives bars several times smaller."""
     s = stds.astype(float)
-    return math.sqrt(float((s**2).sum())) / len(s)
+    return math.sqrt(float((s**2).sum())) / (divisor or len(s))
 
 
 def ci95(values: pd.Series) -> tuple[float, float]:

@@ -122,11 +122,16 @@ def _label(keys: tuple[str, ...], value: tuple) -> str:
     return f"{value[0]:g}"
 
 
-def cv_table(cv: pd.DataFrame, keys: tuple[str, ...]) -> pd.DataFrame:
+ERROR_BARS = ("group", "grid")  # figures.error_bars: ours (n = the group's size) or the original's
+
+
+def cv_table(cv: pd.DataFrame, keys: tuple[str, ...], error_bars: str = "group") -> pd.DataFrame:
     """SPEC's marginal view of the grid: one row per (value of ``keys``, variant).
 
     Per grid combination (and arch, variant): mean and std of ``score`` over draws (``mean_std``). A group's
-    ``mean`` is the mean of its members' means, its ``err`` is ``group_error`` of their stds (SPEC's formula).
+    ``mean`` is the mean of its members' means, its ``err`` is ``group_error`` of their stds (SPEC's formula),
+    divided by the group's size or, with ``error_bars="grid"`` as in the original's code, by the number of
+    combinations of the variant's whole grid.
     """
     cv = cv.assign(batch_norm=_as_bool(cv["batch_norm"]), skip_connections=_as_bool(cv["skip_connections"]))
     combos = []
@@ -140,7 +145,8 @@ def cv_table(cv: pd.DataFrame, keys: tuple[str, ...]) -> pd.DataFrame:
             g = members[members["variant"] == variant]
             if g.empty:
                 continue
-            mean, err = float(g["mean"].mean()), group_error(g["std"])
+            divisor = int((combo["variant"] == variant).sum()) if error_bars == "grid" else None
+            mean, err = float(g["mean"].mean()), group_error(g["std"], divisor)
             rows.append(
                 {
                     "param": "/".join(keys),
@@ -278,15 +284,21 @@ def _bars(table: pd.DataFrame, xlabel: str, ylabel: str, title: str, note: str) 
     return fig
 
 
-def draw_cv(cv: pd.DataFrame, name: str) -> Figure:
+ERROR_BAR_NOTE = {
+    "group": "error bar: sqrt(Σ std²) / n, n = combinations in the group",
+    "grid": "error bar: sqrt(Σ std²) / N, N = combinations in the grid (the original's)",
+}
+
+
+def draw_cv(cv: pd.DataFrame, name: str, error_bars: str = "group") -> Figure:
     keys, xlabel = CV_FIGURES[name]
     split = _score_label(cv)
     return _bars(
-        cv_table(cv, keys),
+        cv_table(cv, keys, error_bars),
         xlabel,
         f"mean {split} accuracy (%)",
         f"Cross-validation: accuracy by {xlabel.split(':')[0]}",
-        "bar: mean of the member combinations' means over draws; error bar: sqrt(Σ std²) / n",
+        f"bar: mean of the member combinations' means over draws; {ERROR_BAR_NOTE[error_bars]}",
     )
 
 
@@ -429,7 +441,7 @@ def save(fig: Figure, out: Path, name: str, dpi: int) -> None:
     plt.close(fig)
 
 
-def make_all(root: Path, out: Path, dpi: int) -> list[Path]:
+def make_all(root: Path, out: Path, dpi: int, error_bars: str = "group") -> list[Path]:
     """Read and check every input under ``root``, then write the ten figures and the tidy CSVs to ``out``."""
     cv_paths = [root / "data/cv/pair.csv", root / "data/cv/siamese.csv"]
     cv = pd.concat([read_csv(p, CV_COLUMNS) for p in cv_paths], ignore_index=True)
@@ -441,7 +453,11 @@ def make_all(root: Path, out: Path, dpi: int) -> list[Path]:
     if not isinstance(dpi, int) or isinstance(dpi, bool) or not low <= dpi <= high:
         raise FigureInputError(f"params.yaml: figures.dpi must be an integer between {low} and {high}, got {dpi!r}")
 
-    draws: dict[str, Callable[[], Figure]] = {name: (lambda n=name: draw_cv(cv, n)) for name in CV_FIGURES}
+    if error_bars not in ERROR_BARS:
+        raise FigureInputError(
+            f"params.yaml: figures.error_bars must be one of {', '.join(ERROR_BARS)}, got {error_bars!r}"
+        )
+    draws: dict[str, Callable[[], Figure]] = {name: (lambda n=name: draw_cv(cv, n, error_bars)) for name in CV_FIGURES}
     draws |= {name: (lambda v=v: draw_grad_norms(grad, v)) for name, v in GRAD_FIGURES.items()}
     draws |= {"loss_weights": lambda: draw_loss_weights(lw), "test_accuracy": lambda: draw_test_accuracy(metrics)}
     draws["findings"] = lambda: draw_findings(claims)
@@ -450,7 +466,8 @@ def make_all(root: Path, out: Path, dpi: int) -> list[Path]:
         save(draw(), out, name, dpi)
 
     summary = pd.concat(
-        [cv_table(cv, keys) for keys, _ in CV_FIGURES.values()] + [final_accuracy_table(metrics)], ignore_index=True
+        [cv_table(cv, keys, error_bars) for keys, _ in CV_FIGURES.values()] + [final_accuracy_table(metrics)],
+        ignore_index=True,
     )
     write_csv(summary, out / "cv_summary.csv")
     write_csv(loss_weight_table(lw), out / "loss_weights.csv")
