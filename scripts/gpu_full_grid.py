@@ -45,7 +45,10 @@ import digitpairs  # noqa: E402,F401  (numeric pins before torch computes)
 from benchmarks.lockstep import trial_flops  # noqa: E402
 from digitpairs.core import numerics, params  # noqa: E402
 from digitpairs.core.io import write_csv, write_json  # noqa: E402
-from digitpairs.core.variants import VARIANTS, variant_score  # noqa: E402
+
+# the study's three variants, those of the grid (siamese-plus has its own stage, `recipe`)
+from digitpairs.core.variants import STUDY_VARIANTS as VARIANTS  # noqa: E402
+from digitpairs.core.variants import variant_score  # noqa: E402
 from digitpairs.data import mnist  # noqa: E402
 from digitpairs.data.pairs import draw_path, load_draw, make_draw, save_draw  # noqa: E402
 from digitpairs.training import lockstep, study  # noqa: E402

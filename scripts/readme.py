@@ -3,8 +3,9 @@
     python scripts/readme.py            # rewrite the blocks between <!-- NAME:begin --> and <!-- NAME:end -->
     python scripts/readme.py --check    # exit 1 if README.md differs from what the files say (tests do this)
 
-Blocks: ``results`` (models_out/metrics.json) and ``full-grid`` (results/full-grid/provenance.json and
-comparison.json, written by ``scripts/gpu_full_grid.py publish``).
+Blocks: ``results`` (models_out/metrics.json), ``findings`` and ``ablation`` (models_out/findings.json),
+``faithful`` (results/faithful/, written by ``scripts/faithful.py``) and ``full-grid``
+(results/full-grid/provenance.json and comparison.json, written by ``scripts/gpu_full_grid.py publish``).
 """
 
 from __future__ import annotations
@@ -15,8 +16,15 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # this checkout's digitpairs, for the claims' labels
+
+from digitpairs.core.variants import ALL_ADDITIONS, NO_ADDITIONS, PLUS, VARIANTS  # noqa: E402
+from digitpairs.report.findings import CLAIMS  # noqa: E402
+
 README = REPO / "README.md"
 METRICS = REPO / "models_out/metrics.json"
+FINDINGS = REPO / "models_out/findings.json"
+FAITHFUL = REPO / "results/faithful"
 FULL_GRID = REPO / "results/full-grid"
 
 
@@ -40,12 +48,84 @@ def results_block() -> str:
         "| selected configuration (nbch1/nbch2/nbfch, BN, skip, lr) |",
         "| --- | --- | --- | --- |",
     ]
-    for variant in ("pair", "siamese-2", "siamese-10"):
+    for variant in VARIANTS:
         m = metrics[variant]
+        recipe = " + the recipe (`params.yaml` `recipe`)" if variant == PLUS else ""
         rows.append(
             f"| {variant} | {pct(m['accuracy_mean'])}% ± {pct(m['accuracy_std'])} | "
-            f"[{pct(m['ci95_low'])}, {pct(m['ci95_high'])}] | {config(m['config'])} |"
+            f"[{pct(m['ci95_low'])}, {pct(m['ci95_high'])}] | {config(m['config'])}{recipe} |"
         )
+    return "\n".join(rows)
+
+
+def pts(x: float | None, sign: bool = True) -> str:
+    """A difference of accuracies in percentage points (``n/a`` where no test was possible)."""
+    return "n/a" if x is None else f"{100 * x:+.2f}" if sign else f"{100 * x:.2f}"
+
+
+def pval(p: float | None) -> str:
+    return "n/a" if p is None else f"{p:.2g}"
+
+
+def findings_block() -> str:
+    claims = json.loads(FINDINGS.read_text())["claims"]
+    rows = [
+        "| claim | effect (points) | 95% CI | p, t-test (Holm) | p, Wilcoxon (Holm) | n |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for slug, label in CLAIMS.items():
+        c = claims[slug]
+        extra = ""
+        if "reported" in c:
+            extra = f" ({pct(c['reported'])}% reported, {pct(c['unseen'])}% unseen)"
+        rows.append(
+            f"| {label}{extra} | {pts(c['mean'])} | [{pts(c['ci95_low'])}, {pts(c['ci95_high'])}] | "
+            f"{pval(c['p_t_holm'])} | {pval(c.get('p_wilcoxon_holm'))} | {c['n']} |"
+        )
+    return "\n".join(rows)
+
+
+def ablation_block() -> str:
+    ablation = json.loads(FINDINGS.read_text())["ablation"]
+    rows = [
+        "| siamese-plus | validation accuracy (mean ± std) | change from all additions | 95% CI | p, t-test | draws |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    first = [ALL_ADDITIONS, NO_ADDITIONS]
+    rest = sorted((n for n in ablation if n not in first), key=lambda n: ablation[n]["change_mean"])
+    for name in first + rest:
+        a = ablation[name]
+        change = "" if name == ALL_ADDITIONS else pts(a["change_mean"])
+        ci = "" if name == ALL_ADDITIONS else f"[{pts(a['change_ci95_low'])}, {pts(a['change_ci95_high'])}]"
+        p = "" if name == ALL_ADDITIONS else pval(a["change_p_t"])
+        rows.append(
+            f"| {name} | {pts(a['val_mean'], False)}% ± {pts(a['val_std'], False)} | {change} | {ci} | {p} | "
+            f"{a['change_n']} |"
+        )
+    return "\n".join(rows)
+
+
+def faithful_block() -> str:
+    ours = json.loads(METRICS.read_text())
+    theirs = json.loads((FAITHFUL / "metrics.json").read_text())
+    prov = json.loads((FAITHFUL / "provenance.json").read_text())
+    rows = [
+        "| variant | ours: test accuracy | its selected configuration | faithful mode: test accuracy | "
+        "its selected configuration |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for variant in VARIANTS:
+        o, t = ours[variant], theirs[variant]
+        rows.append(
+            f"| {variant} | {pct(o['accuracy_mean'])}% ± {pct(o['accuracy_std'])} | {config(o['config'])} | "
+            f"{pct(t['accuracy_mean'])}% ± {pct(t['accuracy_std'])} | {config(t['config'])} |"
+        )
+    overrides = ", ".join(f"`{k}={v}`" for k, v in prov["overrides"].items())
+    rows += [
+        "",
+        f"Faithful mode: {overrides}; `{prov['command']}` on commit `{prov['baseline_commit'][:7]}` "
+        f"({prov['machine']}).",
+    ]
     return "\n".join(rows)
 
 
@@ -114,7 +194,13 @@ def full_grid_block() -> str:
     return "\n".join(lines)
 
 
-BLOCKS = {"results": results_block, "full-grid": full_grid_block}
+BLOCKS = {
+    "results": results_block,
+    "findings": findings_block,
+    "ablation": ablation_block,
+    "faithful": faithful_block,
+    "full-grid": full_grid_block,
+}
 
 
 def render(text: str) -> str:

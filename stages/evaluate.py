@@ -4,7 +4,15 @@ import pandas as pd
 import torch
 
 from digitpairs.core.io import run_stage, write_csv, write_json
-from digitpairs.core.paths import CONFUSION_CSV, CV_DIR, METRICS_JSON, MODELS_DIR, PAIRS_DIR, TEST_SCORES_CSV
+from digitpairs.core.paths import (
+    CONFUSION_CSV,
+    CV_DIR,
+    METRICS_JSON,
+    MODELS_DIR,
+    PAIRS_DIR,
+    RECIPE_SELECTED,
+    TEST_SCORES_CSV,
+)
 from digitpairs.core.variants import VARIANTS, variant_score
 from digitpairs.data.pairs import draw_path, load_draw, split
 from digitpairs.training.models import load_model
@@ -32,7 +40,7 @@ def main(p: dict) -> None:
     scores = pd.DataFrame(rows)
     write_csv(scores, TEST_SCORES_CSV)
     write_csv(pd.concat(confusion, ignore_index=True), CONFUSION_CSV)
-    write_json(final_metrics(scores, read_selected(CV_DIR)), METRICS_JSON)
+    write_json(final_metrics(scores, read_selected(CV_DIR, RECIPE_SELECTED)), METRICS_JSON)
 
 
 if __name__ == "__main__":

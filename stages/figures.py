@@ -15,7 +15,7 @@ from digitpairs.report import figures
 
 
 def main(p: dict) -> None:
-    figures.make_all(Path("."), PLOTS_DIR, p["figures"]["dpi"])
+    figures.make_all(Path("."), PLOTS_DIR, p["figures"]["dpi"], p["figures"]["error_bars"])
     figures.vendor_js(VENDOR_JS)
 
 

@@ -9,14 +9,16 @@ import shutil
 from dvclive import Live
 
 from digitpairs.core.io import run_stage
-from digitpairs.core.paths import CV_DIR, LIVE_DIR, MODELS_DIR
+from digitpairs.core.paths import CV_DIR, LIVE_DIR, MODELS_DIR, RECIPE_SELECTED
 from digitpairs.core.variants import VARIANTS
 from digitpairs.training.models import save_model
 from digitpairs.training.study import final_trials, read_selected, run
 
 
 def main(p: dict) -> None:
-    outcomes = run(final_trials(read_selected(CV_DIR), p), p, p["train"]["executor"], "train", keep_state=True)
+    outcomes = run(
+        final_trials(read_selected(CV_DIR, RECIPE_SELECTED), p), p, p["train"]["executor"], "train", keep_state=True
+    )
     shutil.rmtree(MODELS_DIR, ignore_errors=True)
     for o in outcomes:
         save_model(o.model(), o.trial.model, MODELS_DIR / o.trial.variant / f"draw_{o.trial.draw:02d}")

@@ -26,6 +26,7 @@ TINY = {
         "lr": [0.1, 0.5],
     },
     "loss_weights": {"n_draws": 1, "exponents": [0, -1]},
+    "recipe": {"n_draws": 1, "nbch1": [8], "nbch2": [8], "nbfch": [16], "lr": [0.1]},
 }
 
 

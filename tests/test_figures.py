@@ -17,7 +17,7 @@ import pytest
 import yaml
 from PIL import Image, ImageStat
 
-from digitpairs.report import figures
+from digitpairs.report import figures, findings
 
 REPO = Path(__file__).resolve().parents[1]
 CV_GRID = {
@@ -106,15 +106,27 @@ def write_inputs(root: Path, n_steps: int = 30) -> None:
             "n_draws": 3,
             "config": {},
         }
-        for v, m in [("pair", 0.8), ("siamese-2", 0.9), ("siamese-10", 0.95)]
+        for v, m in [("pair", 0.8), ("siamese-2", 0.9), ("siamese-10", 0.95), ("siamese-plus", 0.98)]
     }
     (root / "models_out/metrics.json").write_text(json.dumps(metrics))
+    (root / "models_out/findings.json").write_text(json.dumps(synthetic_findings()))
     pd.DataFrame({"variant": ["pair"] * 3, "draw": range(3), "accuracy": [0.79, 0.8, 0.81]}).to_csv(
         root / "models_out/test_scores.csv", index=False
     )
     pd.DataFrame({"actual": [1, 2, 3, 3], "predicted": [1, 2, 3, 2]}).to_csv(
         root / "models_out/confusion.csv", index=False
     )
+
+
+def synthetic_findings() -> dict:
+    """findings.json with distinct effects per claim; the last claim untested (no CI, no p), as with 1 draw."""
+    claims = {}
+    for i, slug in enumerate(findings.CLAIMS):
+        mean = 0.01 * i - 0.03
+        claims[slug] = {"mean": mean, "ci95_low": mean - 0.01, "ci95_high": mean + 0.015, "n": 10}
+        claims[slug] |= {"p_t": 0.002 * (i + 1), "p_t_holm": min(1.0, 0.02 * (i + 1))}
+    claims[slug] |= {"ci95_low": None, "ci95_high": None, "p_t": None, "p_t_holm": None}
+    return {"claims": claims, "ablation": {}}
 
 
 def write_params(root: Path) -> None:
@@ -190,6 +202,11 @@ def test_cv_table_is_spec_formula_by_hand():
     assert list(t["n"]) == [2, 1] and list(t.index) == ["8", "16"]  # numeric order, not text order
     bn = figures.cv_table(_tiny_cv(), ("batch_norm", "skip_connections"))
     assert list(bn["value"]) == ["BN on, skip off"] and bn["mean"].iloc[0] == pytest.approx((0.7 + 0.5 + 0.8) / 3)
+    # the original's error bars: the same sums over the 3 combinations of the whole grid
+    grid = figures.cv_table(_tiny_cv(), ("nbch1",), error_bars="grid").set_index("value")
+    assert grid.loc["8", "err"] == pytest.approx(math.sqrt(0.02) / 3) and grid.loc["16", "err"] == pytest.approx(
+        math.sqrt(0.02) / 3
+    )
 
 
 def test_drawn_bars_are_the_table(made: Path):
@@ -212,10 +229,30 @@ def test_loss_weight_and_final_accuracy_tables(made: Path):
     assert lw["mean"].iloc[0] == pytest.approx(0.82) and lw["std"].iloc[0] == pytest.approx(0.02)  # 0.80 .82 .84
     acc = figures.final_accuracy_table(json.loads((made / "models_out/metrics.json").read_text()))
     assert list(acc["variant"]) == list(figures.VARIANTS)
-    assert acc["low"].tolist() == pytest.approx([0.78, 0.88, 0.93])
+    assert acc["low"].tolist() == pytest.approx([0.78, 0.88, 0.93, 0.96])
     fig = figures.draw_loss_weights(pd.read_csv(made / "data/loss_weights.csv"))
     line = fig.axes[0].lines[0]
     assert list(line.get_xdata()) == [0.01, 0.1, 1.0] and fig.axes[0].get_xscale() == "log"
+
+
+def test_findings_figure_draws_every_claim_with_its_interval(made: Path):
+    claims = json.loads((made / "models_out/findings.json").read_text())["claims"]
+    table = figures.findings_table(claims)
+    assert list(table["claim"]) == list(findings.CLAIMS)
+    first = claims["sharing_digits"]
+    assert table.loc[0, ["effect", "low", "high"]].tolist() == pytest.approx(
+        [100 * first["mean"], 100 * first["ci95_low"], 100 * first["ci95_high"]]
+    )
+    assert table["p_holm"].iloc[:-1].notna().all() and math.isnan(table["p_holm"].iloc[-1])  # the untested claim
+    fig = figures.draw_findings(claims)
+    main_axes = [ax for ax in fig.axes if ax.get_title()]
+    assert [ax.get_title() for ax in main_axes] == list(figures.FINDING_PANELS)
+    n_rows = [len(ax.get_yticks()) for ax in main_axes]
+    assert sum(n_rows) == len(findings.CLAIMS)
+    for ax in main_axes:  # every interval inside the visible x range, the zero line too
+        low, high = ax.get_xlim()
+        rows = table[table["panel"] == ax.get_title()]
+        assert low <= min(rows["low"].min(), rows["effect"].min(), 0) and max(rows["high"].max(), 0) <= high
 
 
 def test_grad_norm_panels_hold_every_tensor(made: Path):
@@ -244,6 +281,7 @@ BREAKS = {
     "header only": ("data/cv/pair.csv", "header", "data/cv/pair.csv: no data rows"),
     "missing column": ("data/cv/siamese.csv", "drop:score", "data/cv/siamese.csv: missing column 'score'"),
     "metrics key": ("models_out/metrics.json", "metrics", "models_out/metrics.json: missing key 'siamese-10.ci95_low'"),
+    "findings key": ("models_out/findings.json", "findings", "models_out/findings.json: missing key 'claims.plus.n'"),
 }
 
 
@@ -255,6 +293,10 @@ def _break(root: Path, rel: str, how: str | None) -> None:
         path.write_text(path.read_text().splitlines()[0] + "\n")
     elif how.startswith("drop:"):
         pd.read_csv(path).drop(columns=how[5:]).to_csv(path, index=False)
+    elif how == "findings":
+        f = json.loads(path.read_text())
+        del f["claims"]["plus"]["n"]
+        path.write_text(json.dumps(f))
     elif how == "metrics":
         m = json.loads(path.read_text())
         del m["siamese-10"]["ci95_low"]

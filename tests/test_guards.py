@@ -96,7 +96,12 @@ BAD = [
     ("loss_weights.executor", "remote"),
     ("grad_norms.seed", "-1"),
     ("grad_norms.draw", "2"),  # draws are 0 and 1
+    ("recipe.momentum", "1"),  # SGD diverges: must be < 1
+    ("recipe.schedule", "step"),
+    ("recipe.shift", "7"),  # more than half a digit
+    ("recipe.batch_size", "999"),
     ("figures.dpi", "20000"),  # would exhaust memory
+    ("figures.error_bars", "sem"),
 ]
 
 
@@ -235,13 +240,13 @@ def test_tiny_params_are_valid():
     validate(p)
 
 
-TRAINING = {"cv@pair", "cv@siamese", "loss_weights", "grad_norms", "train", "evaluate"}
+TRAINING = {"cv@pair", "cv@siamese", "loss_weights", "grad_norms", "recipe", "controls", "train", "evaluate"}
 
 
 @pytest.mark.parametrize(
     "path,expected",
     [
-        ("digitpairs/report/figures.py", {"figures"}),
+        ("digitpairs/report/figures.py", {"findings", "figures"}),  # one folder: report
         ("digitpairs/training/train.py", TRAINING),
         ("digitpairs/training/lockstep.py", TRAINING),
     ],

@@ -265,3 +265,37 @@ def test_lockstep_matches_loop_with_channels_last_maps(draws, arch):
         torch.testing.assert_close(out.result.grad_norms, ref.result.grad_norms, rtol=3e-4, atol=1e-6)
         for split in ("val", "test"):
             assert out.scores[split] == pytest.approx(ref.scores[split], abs=2e-3)
+
+
+RECIPE = {
+    "momentum": dict(momentum=0.9),
+    "nesterov": dict(momentum=0.9, nesterov=True),
+    "weight decay": dict(weight_decay=5e-3),
+    "cosine": dict(schedule="cosine"),
+    "label smoothing": dict(label_smoothing=0.1),
+    "shift": dict(shift=1),
+    "all": dict(momentum=0.9, nesterov=True, weight_decay=5e-3, schedule="cosine", label_smoothing=0.1, shift=2),
+}
+
+
+@pytest.mark.parametrize("arch", ["pair", "siamese"])
+@pytest.mark.parametrize("addition", list(RECIPE))
+def test_recipe_additions_match_per_model_loop(draws, arch, addition):
+    """siamese-plus's training (torch.optim.SGD's momentum and weight decay, the schedule, smoothing,
+    shifts) is the same in both engines: small lrs (momentum multiplies the step by 10)."""
+    job = [replace(t, train=replace(t.train, lr=t.train.lr / 5, **RECIPE[addition])) for t in mixed_job(arch, TINY)]
+    assert len(group_trials(job, 64)) == 1  # lr and loss weights differ, the recipe does not: one job
+    for trial, out in zip(job, run_lockstep(job, draws), strict=True):
+        ref = run_trial(trial, draws[trial.draw])
+        for key, value in ref.state.items():
+            if not key.endswith("num_batches_tracked"):
+                assert_close(value, out.state[key], 1e-4, key)
+        assert out.result.epoch_loss == pytest.approx(ref.result.epoch_loss, rel=1e-5)
+
+
+def test_recipe_changes_training_and_splits_jobs(draws):
+    plain = mixed_job("siamese", TINY)[:1]
+    shifted = [replace(plain[0], train=replace(plain[0].train, shift=1))]
+    assert len(group_trials(plain + shifted, 64)) == 2
+    a, b = run_lockstep(plain, draws)[0], run_lockstep(shifted, draws)[0]
+    assert not torch.equal(a.state["branch.conv1.weight"], b.state["branch.conv1.weight"])

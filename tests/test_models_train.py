@@ -142,7 +142,7 @@ def test_devices():
 def test_siamese_scores_are_consistent(draw0):
     trial = make_trial("siamese-10", SMALL, TrainConfig(lr=0.1, epochs=2), draw=0, seed=1)
     s = run_trial(trial, draw0).scores["test"]
-    assert set(s) == {"comparison_accuracy", "digit_comparison_accuracy", "digit_accuracy"}
+    assert set(s) == {"comparison_accuracy", "digit_comparison_accuracy", "digit_posterior_accuracy", "digit_accuracy"}
     assert variant_score("siamese-10", s) == s["digit_comparison_accuracy"]
     assert variant_score("siamese-2", s) == s["comparison_accuracy"]
     assert VARIANTS["pair"].metric == "accuracy"

@@ -58,11 +58,30 @@ def edited(section: str, key: str, value) -> dict:
         ("train", "device", "auto", "train.device must be one of cpu, cuda"),
         ("train", "batch_size", 999, "train.batch_size=999 leaves a mini-batch of 1 pair"),
         ("train", "batch_size", 1, "train.batch_size=1 leaves a mini-batch of 1 pair"),
+        ("recipe", "n_draws", 11, "recipe.n_draws=11 exceeds data.n_draws=10"),
+        ("recipe", "lr", [0.1, 0.1], "recipe.lr lists the value 0.1 twice"),
+        ("recipe", "momentum", 1.0, "recipe.momentum must be >= 0 and < 1"),
+        ("recipe", "nesterov", "yes", "recipe.nesterov must be true or false"),
+        ("recipe", "weight_decay", -1e-4, "recipe.weight_decay must be >= 0"),
+        ("recipe", "schedule", "step", "recipe.schedule must be one of constant, cosine"),
+        ("recipe", "label_smoothing", 1, "recipe.label_smoothing must be >= 0 and < 1"),
+        ("recipe", "shift", 5, "recipe.shift must be between 0 and 4"),
+        ("recipe", "batch_size", 999, "recipe.batch_size=999 leaves a mini-batch of 1 pair"),
+        ("recipe", "executor", "dask", "recipe.executor must be one of local, ray"),
+        ("figures", "error_bars", "sem", "figures.error_bars must be one of group, grid"),
     ],
 )
 def test_bad_values_name_the_key(section, key, value, message):
     with pytest.raises(ParamError, match=message):
         validate(edited(section, key, value))
+
+
+def test_nesterov_needs_momentum():
+    p = edited("recipe", "momentum", 0.0)
+    with pytest.raises(ParamError, match="recipe.nesterov is true but recipe.momentum is 0"):
+        validate(p)
+    p["recipe"]["nesterov"] = False
+    validate(p)
 
 
 def test_yaml_is_read_as_dvc_reads_it():

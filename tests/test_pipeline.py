@@ -9,6 +9,7 @@ import pandas as pd
 import pytest
 import yaml
 
+from digitpairs.report.findings import CLAIMS as FINDINGS
 from tests.e2e import clone, dvc, set_params, sh
 
 pytestmark = pytest.mark.slow
@@ -21,12 +22,15 @@ STAGES = [
     "cv@siamese",
     "loss_weights",
     "grad_norms",
+    "recipe",
+    "controls",
     "train",
     "evaluate",
+    "findings",
     "figures",
 ]
 # stages that read no train.seed: editing it must not rerun them
-UPSTREAM_OF_TRAIN = {"mnist", "pairs", "cv@pair", "cv@siamese", "loss_weights", "grad_norms"}
+UPSTREAM_OF_TRAIN = {"mnist", "pairs", "cv@pair", "cv@siamese", "loss_weights", "grad_norms", "recipe"}
 
 
 def ran(log: str) -> set[str]:
@@ -51,7 +55,7 @@ def test_repro_runs_every_stage_and_writes_every_output(run):
                 path = repo / out.replace("${item.arch}", arch)
                 assert path.exists(), f"{name}: {path} missing"
     metrics = json.loads((repo / "models_out/metrics.json").read_text())
-    assert set(metrics) == {"pair", "siamese-2", "siamese-10"}
+    assert set(metrics) == {"pair", "siamese-2", "siamese-10", "siamese-plus"}
     for m in metrics.values():
         assert (
             0.4 < m["accuracy_mean"] <= 1
@@ -61,11 +65,13 @@ def test_repro_runs_every_stage_and_writes_every_output(run):
         assert m["config"]["lr"] in (0.1, 0.5)
     cv = pd.read_csv(repo / "data/cv/siamese.csv")
     assert len(cv) == 2 * 2 * 1 and set(cv["variant"]) == {"siamese-2", "siamese-10"}
-    assert len(list((repo / "models_out/models").glob("*/draw_*.safetensors"))) == 3 * 2
+    assert len(list((repo / "models_out/models").glob("*/draw_*.safetensors"))) == 4 * 2
+    findings = json.loads((repo / "models_out/findings.json").read_text())
+    assert set(findings["claims"]) == set(FINDINGS) and findings["ablation"]["all additions"]["change_n"] == 1
     # every generated file is git-ignored (DVC wrote the entries), except what is meant for git
     status = sh(repo, "git", "status", "--porcelain", "--untracked-files=all").stdout
     untracked = {line[3:] for line in status.splitlines() if not line.endswith(".gitignore")}
-    assert untracked <= {"dvc.lock", "models_out/metrics.json"}, untracked
+    assert untracked <= {"dvc.lock", "models_out/metrics.json", "models_out/findings.json"}, untracked
 
 
 def test_second_repro_does_nothing(run):

@@ -21,3 +21,13 @@ def test_a_hand_edited_number_is_caught():
     edited = text.replace(first_row, first_row.replace("% ±", "1% ±", 1))
     assert edited != text
     assert readme["render"](edited) == text  # rendering restores the files' numbers
+
+
+def test_a_hand_edited_finding_is_caught():
+    text = (REPO / "README.md").read_text()
+    row = next(
+        line for line in readme["findings_block"]().splitlines() if line.startswith("| batch norm on vs off, pair")
+    )
+    edited = text.replace(row, row.replace("| +", "| +1", 1))
+    assert edited != text
+    assert readme["render"](edited) == text

@@ -79,6 +79,18 @@ def _exponent(key: str, v: Any) -> None:
         raise ParamError(f"{key} must be between {low:g} and {high:g} (the auxiliary loss weight is 10**e), got {v}.")
 
 
+def _fraction(key: str, v: Any) -> None:
+    _number(key, v)
+    if not 0 <= v < 1:
+        raise ParamError(f"{key} must be >= 0 and < 1, got {v}.")
+
+
+def _non_negative(key: str, v: Any) -> None:
+    _number(key, v)
+    if v < 0:
+        raise ParamError(f"{key} must be >= 0, got {v}.")
+
+
 def _choice(*options: str) -> Check:
     def check(key: str, v: Any) -> None:
         if v not in options:
@@ -114,6 +126,14 @@ def _list_of(item_check: Check) -> Check:
 ENGINE = _choice("lockstep", "loop")
 EXECUTOR = _choice("local", "ray")
 WIDTH = _list_of(_int(1, MAX_WIDTH))
+GRID_CHECKS: dict[str, Check] = {
+    "nbch1": WIDTH,
+    "nbch2": WIDTH,
+    "nbfch": WIDTH,
+    "batch_norm": _list_of(_bool),
+    "skip_connections": _list_of(_bool),
+    "lr": _list_of(_positive),
+}
 
 SCHEMA: dict[str, dict[str, Check]] = {
     "data": {"seed": _int(0), "n_draws": _int(1), "n_pairs": _int(1, max_pairs())},
@@ -132,12 +152,7 @@ SCHEMA: dict[str, dict[str, Check]] = {
         "n_draws": _int(1),
         "score_on": _choice("val", "test"),
         "executor": EXECUTOR,
-        "nbch1": WIDTH,
-        "nbch2": WIDTH,
-        "nbfch": WIDTH,
-        "batch_norm": _list_of(_bool),
-        "skip_connections": _list_of(_bool),
-        "lr": _list_of(_positive),
+        **GRID_CHECKS,
     },
     "loss_weights": {
         "seed": _int(0),
@@ -148,14 +163,27 @@ SCHEMA: dict[str, dict[str, Check]] = {
         "executor": EXECUTOR,
     },
     "grad_norms": {"seed": _int(0), "draw": _int(0)},
-    "figures": {"dpi": _int(*DPI_RANGE)},
+    "recipe": {
+        "seed": _int(0),
+        "n_draws": _int(1),
+        "executor": EXECUTOR,
+        **GRID_CHECKS,
+        "batch_size": _int(1),
+        "momentum": _fraction,
+        "nesterov": _bool,
+        "weight_decay": _non_negative,
+        "schedule": _choice("constant", "cosine"),
+        "label_smoothing": _fraction,
+        "shift": _int(0, 4),
+    },
+    "figures": {"dpi": _int(*DPI_RANGE), "error_bars": _choice("group", "grid")},
 }
 
 
 def _cross_checks(params: dict) -> None:
     """Bounds that involve two keys (each message names the key to change)."""
-    d, t = params["data"], params["train"]
-    for section in ("cv", "loss_weights"):
+    d, t, r = params["data"], params["train"], params["recipe"]
+    for section in ("cv", "loss_weights", "recipe"):
         if params[section]["n_draws"] > d["n_draws"]:
             raise ParamError(
                 f"{section}.n_draws={params[section]['n_draws']} exceeds data.n_draws={d['n_draws']}; "
@@ -163,15 +191,18 @@ def _cross_checks(params: dict) -> None:
             )
     if params["grad_norms"]["draw"] >= d["n_draws"]:
         raise ParamError(f"grad_norms.draw={params['grad_norms']['draw']} must be < data.n_draws={d['n_draws']}.")
-    bs, n = t["batch_size"], d["n_pairs"]
-    if bs > n:
-        raise ParamError(f"train.batch_size={bs} exceeds data.n_pairs={n} training pairs.")
-    # grad_norms always trains with batch norm on, and batch norm needs >= 2 samples per mini-batch
-    if bs < 2 or n % bs == 1:
-        raise ParamError(
-            f"train.batch_size={bs} leaves a mini-batch of 1 pair out of data.n_pairs={n}, which batch norm "
-            "cannot train on; choose a batch size >= 2 whose last mini-batch holds 2 or more pairs."
-        )
+    n = d["n_pairs"]
+    for key, bs in (("train.batch_size", t["batch_size"]), ("recipe.batch_size", r["batch_size"])):
+        if bs > n:
+            raise ParamError(f"{key}={bs} exceeds data.n_pairs={n} training pairs.")
+        # grad_norms always trains with batch norm on, and batch norm needs >= 2 samples per mini-batch
+        if bs < 2 or n % bs == 1:
+            raise ParamError(
+                f"{key}={bs} leaves a mini-batch of 1 pair out of data.n_pairs={n}, which batch norm "
+                "cannot train on; choose a batch size >= 2 whose last mini-batch holds 2 or more pairs."
+            )
+    if r["nesterov"] and r["momentum"] == 0:
+        raise ParamError("recipe.nesterov is true but recipe.momentum is 0; Nesterov needs a momentum > 0.")
     w10 = [10.0**e for e in params["loss_weights"]["exponents"]]
     if len(set(w10)) != len(w10):
         raise ParamError("loss_weights.exponents holds two exponents that give the same weight 10**e; drop one.")

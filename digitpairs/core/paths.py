@@ -6,6 +6,10 @@ from pathlib import Path
 MNIST_DIR = Path("data/mnist")
 PAIRS_DIR = Path("data/pairs")
 CV_DIR = Path("data/cv")
+RECIPE_DIR = Path("data/recipe")  # siamese-plus: search.csv, selected.json, ablation.csv
+RECIPE_SELECTED = RECIPE_DIR / "selected.json"
+CONTROLS_CSV = Path("data/controls.csv")
+FINDINGS_JSON = Path("models_out/findings.json")
 CHECKPOINTS = Path("data/checkpoints")  # resumable trial records; git-ignored, not a DVC output
 LOSS_WEIGHTS_CSV = Path("data/loss_weights.csv")
 GRAD_NORMS_CSV = Path("data/grad_norms.csv")

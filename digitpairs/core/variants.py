@@ -1,4 +1,8 @@
-"""The study's three model variants: a fact the training, the evaluation and the figures share.
+"""The reported model variants: a fact the training, the evaluation and the figures share.
+
+The study's three are selected on its cross-validation grid; the fourth, siamese-plus, is siamese-10's
+network with the recipe's training (params.yaml ``recipe``) and the posterior decision rule, selected
+by the ``recipe`` stage.
 
 Plain data with no torch import, so the figures stage does not depend on the training code.
 """
@@ -17,21 +21,27 @@ class Variant:
     w2: float
     w10: float
     metric: str
+    in_grid: bool = True  # selected on the cross-validation grid (the study's variants)
 
 
+PLUS = "siamese-plus"
 VARIANTS = {
     v.name: v
     for v in (
         Variant("pair", "pair", 1.0, 0.0, "accuracy"),
         Variant("siamese-2", "siamese", 1.0, 10**-0.5, "comparison_accuracy"),
         Variant("siamese-10", "siamese", 0.0, 1.0, "digit_comparison_accuracy"),
+        Variant(PLUS, "siamese", 0.0, 1.0, "digit_posterior_accuracy", in_grid=False),
     )
 }
+# siamese-plus's ablation: the row of the full recipe, and the row of none of its additions
+ALL_ADDITIONS, NO_ADDITIONS = "all additions", "none (the study's SGD)"
+STUDY_VARIANTS = tuple(v.name for v in VARIANTS.values() if v.in_grid)
 
 
 def variants_of(arch: str) -> list[Variant]:
-    """The variants trained with architecture ``arch`` (pair: one; siamese: two)."""
-    return [v for v in VARIANTS.values() if v.arch == arch]
+    """The study's variants trained with architecture ``arch`` on the grid (pair: one; siamese: two)."""
+    return [v for v in VARIANTS.values() if v.arch == arch and v.in_grid]
 
 
 def variant_score(variant: str, scores: dict[str, float]) -> float:

@@ -25,12 +25,13 @@ from digitpairs.core.io import write_csv  # noqa: E402
 from digitpairs.core.params import DPI_RANGE, GRID_KEYS  # noqa: E402
 from digitpairs.core.stats import group_error, mean_std  # noqa: E402
 from digitpairs.core.variants import VARIANTS as ALL_VARIANTS  # noqa: E402
+from digitpairs.report.findings import CLAIMS  # noqa: E402
 
 VARIANTS = tuple(ALL_VARIANTS)
 # Okabe-Ito: distinguishable under the common colour-vision deficiencies.
 OKABE_ITO = ("#000000", "#E69F00", "#56B4E9", "#009E73", "#D55E00", "#0072B2", "#CC79A7", "#F0E442")
-VARIANT_COLORS = {"pair": "#0072B2", "siamese-2": "#E69F00", "siamese-10": "#009E73"}
-VARIANT_HATCH = {"pair": "", "siamese-2": "//", "siamese-10": ".."}  # a second cue besides colour
+VARIANT_COLORS = {"pair": "#0072B2", "siamese-2": "#E69F00", "siamese-10": "#009E73", "siamese-plus": "#CC79A7"}
+VARIANT_HATCH = {"pair": "", "siamese-2": "//", "siamese-10": "..", "siamese-plus": "xx"}  # a cue besides colour
 
 GRID = GRID_KEYS
 CV_COLUMNS = ("variant", "arch", *GRID, "draw", "score_on", "score")
@@ -47,7 +48,14 @@ CV_FIGURES: dict[str, tuple[tuple[str, ...], str]] = {
     "cv_lr": (("lr",), "learning rate of SGD"),
 }
 GRAD_FIGURES = {"grad_norms_pair": "pair", "grad_norms_siamese": "siamese-2"}
-FIGURES = (*CV_FIGURES, *GRAD_FIGURES, "loss_weights", "test_accuracy")
+FIGURES = (*CV_FIGURES, *GRAD_FIGURES, "loss_weights", "test_accuracy", "findings")
+FINDING_KEYS = ("mean", "ci95_low", "ci95_high", "p_t_holm", "n")
+# the findings figure's panels: title -> slug prefixes of the claims it holds
+FINDING_PANELS = {
+    "Model variants, test pairs (paired by draw)": ("sharing_", "aux_loss", "plus"),
+    "Switches on the CV grid, validation pairs (paired by configuration and draw)": ("batch_norm_", "skip_"),
+    "Selecting on the test set as the original did (Welch, disjoint draws)": ("test_selection_",),
+}
 
 
 class FigureInputError(ValueError):
@@ -88,6 +96,21 @@ def read_metrics(path: Path) -> dict[str, dict]:
     return metrics
 
 
+def read_findings(path: Path) -> dict[str, dict]:
+    """models_out/findings.json, checked to hold every claim with the keys the findings figure draws."""
+    if not path.is_file():
+        raise FigureInputError(f"{path}: file not found")
+    try:
+        claims = json.loads(path.read_text()).get("claims")
+    except (json.JSONDecodeError, AttributeError) as err:
+        raise FigureInputError(f"{path}: not a findings file ({err})") from None
+    for slug in CLAIMS:
+        for k in FINDING_KEYS:
+            if not isinstance(claims, dict) or not isinstance(claims.get(slug), dict) or k not in claims[slug]:
+                raise FigureInputError(f"{path}: missing key 'claims.{slug}.{k}'")
+    return claims
+
+
 def _as_bool(s: pd.Series) -> pd.Series:
     """True/False columns, whether pandas parsed them as bools or kept them as text."""
     return s.map(lambda x: x if isinstance(x, bool) else str(x).strip().lower() == "true")
@@ -99,11 +122,16 @@ def _label(keys: tuple[str, ...], value: tuple) -> str:
     return f"{value[0]:g}"
 
 
-def cv_table(cv: pd.DataFrame, keys: tuple[str, ...]) -> pd.DataFrame:
+ERROR_BARS = ("group", "grid")  # figures.error_bars: ours (n = the group's size) or the original's
+
+
+def cv_table(cv: pd.DataFrame, keys: tuple[str, ...], error_bars: str = "group") -> pd.DataFrame:
     """SPEC's marginal view of the grid: one row per (value of ``keys``, variant).
 
     Per grid combination (and arch, variant): mean and std of ``score`` over draws (``mean_std``). A group's
-    ``mean`` is the mean of its members' means, its ``err`` is ``group_error`` of their stds (SPEC's formula).
+    ``mean`` is the mean of its members' means, its ``err`` is ``group_error`` of their stds (SPEC's formula),
+    divided by the group's size or, with ``error_bars="grid"`` as in the original's code, by the number of
+    combinations of the variant's whole grid.
     """
     cv = cv.assign(batch_norm=_as_bool(cv["batch_norm"]), skip_connections=_as_bool(cv["skip_connections"]))
     combos = []
@@ -117,7 +145,8 @@ def cv_table(cv: pd.DataFrame, keys: tuple[str, ...]) -> pd.DataFrame:
             g = members[members["variant"] == variant]
             if g.empty:
                 continue
-            mean, err = float(g["mean"].mean()), group_error(g["std"])
+            divisor = int((combo["variant"] == variant).sum()) if error_bars == "grid" else None
+            mean, err = float(g["mean"].mean()), group_error(g["std"], divisor)
             rows.append(
                 {
                     "param": "/".join(keys),
@@ -179,6 +208,28 @@ def final_accuracy_table(metrics: dict[str, dict]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def findings_table(claims: dict[str, dict]) -> pd.DataFrame:
+    """One row per claim, in points: effect, 95% CI, Holm-corrected p of the t-test, pairs, panel."""
+    rows = []
+    for slug, label in CLAIMS.items():
+        c = claims[slug]
+        panel = next(t for t, prefixes in FINDING_PANELS.items() if slug.startswith(prefixes))
+        untested = c["ci95_low"] is None or c["p_t_holm"] is None  # fewer than 2 draws: no CI, no test
+        rows.append(
+            {
+                "panel": panel,
+                "claim": slug,
+                "label": label,
+                "effect": 100 * float(c["mean"]),
+                "low": float("nan") if untested else 100 * float(c["ci95_low"]),
+                "high": float("nan") if untested else 100 * float(c["ci95_high"]),
+                "p_holm": float("nan") if untested else float(c["p_t_holm"]),
+                "n": int(c["n"]),
+            }
+        )
+    return pd.DataFrame(rows)
+
+
 def grad_table(grad: pd.DataFrame, variant: str) -> pd.DataFrame:
     """The gradient-norm rows of one variant, sorted as drawn (panel, depth, step)."""
     g = grad[grad["variant"] == variant].copy()
@@ -233,15 +284,21 @@ def _bars(table: pd.DataFrame, xlabel: str, ylabel: str, title: str, note: str) 
     return fig
 
 
-def draw_cv(cv: pd.DataFrame, name: str) -> Figure:
+ERROR_BAR_NOTE = {
+    "group": "error bar: sqrt(Σ std²) / n, n = combinations in the group",
+    "grid": "error bar: sqrt(Σ std²) / N, N = combinations in the grid (the original's)",
+}
+
+
+def draw_cv(cv: pd.DataFrame, name: str, error_bars: str = "group") -> Figure:
     keys, xlabel = CV_FIGURES[name]
     split = _score_label(cv)
     return _bars(
-        cv_table(cv, keys),
+        cv_table(cv, keys, error_bars),
         xlabel,
         f"mean {split} accuracy (%)",
         f"Cross-validation: accuracy by {xlabel.split(':')[0]}",
-        "bar: mean of the member combinations' means over draws; error bar: sqrt(Σ std²) / n",
+        f"bar: mean of the member combinations' means over draws; {ERROR_BAR_NOTE[error_bars]}",
     )
 
 
@@ -329,6 +386,45 @@ def draw_loss_weights(lw: pd.DataFrame) -> Figure:
     return fig
 
 
+def draw_findings(claims: dict[str, dict]) -> Figure:
+    """A forest plot: one row per claim, its effect in points with the 95% CI, a panel per kind of
+    comparison (each with its own scale), filled where Holm's p < 0.05; pairs and p on the right."""
+    t = findings_table(claims)
+    panels = list(FINDING_PANELS)
+    heights = [int((t["panel"] == p).sum()) + 1.5 for p in panels]
+    fig, axes = plt.subplots(
+        len(panels), 1, figsize=(10, 0.4 * sum(heights) + 1), layout="constrained", height_ratios=heights
+    )
+    for ax, panel in zip(axes, panels, strict=True):
+        rows = t[t["panel"] == panel].reset_index(drop=True)
+        y = list(range(len(rows)))[::-1]
+        for yi, r in zip(y, rows.itertuples(), strict=True):
+            tested = r.p_holm == r.p_holm  # not NaN
+            ax.errorbar(
+                r.effect,
+                yi,
+                xerr=[[r.effect - r.low], [r.high - r.effect]] if tested else None,
+                fmt="o",
+                capsize=3,
+                color="black",
+                markerfacecolor="black" if tested and r.p_holm < 0.05 else "white",
+            )
+        ax.axvline(0, color=OKABE_ITO[4], linewidth=1)
+        ax.set_yticks(y, rows["label"])
+        ax.set_ylim(-0.6, len(rows) - 0.4)
+        right = ax.twinx()
+        right.set_ylim(ax.get_ylim())
+        stats = [
+            f"n={r.n}, p={r.p_holm:.2g}" if r.p_holm == r.p_holm else f"n={r.n}, untested" for r in rows.itertuples()
+        ]
+        right.set_yticks(y, stats, fontsize="small")
+        ax.set_title(panel, fontsize="medium")
+        ax.grid(axis="x", alpha=0.3)
+    axes[-1].set_xlabel("difference in accuracy (percentage points), with its 95% CI")
+    fig.suptitle("The study's claims tested (filled: p < 0.05 after Holm's correction; p: Holm, t-test)")
+    return fig
+
+
 # ---------------------------------------------------------------- files
 
 SVG_SALT = "digitpairs"  # fixed ids in SVGs, so reruns give identical bytes
@@ -345,29 +441,37 @@ def save(fig: Figure, out: Path, name: str, dpi: int) -> None:
     plt.close(fig)
 
 
-def make_all(root: Path, out: Path, dpi: int) -> list[Path]:
-    """Read and check every input under ``root``, then write the nine figures and the tidy CSVs to ``out``."""
+def make_all(root: Path, out: Path, dpi: int, error_bars: str = "group") -> list[Path]:
+    """Read and check every input under ``root``, then write the ten figures and the tidy CSVs to ``out``."""
     cv_paths = [root / "data/cv/pair.csv", root / "data/cv/siamese.csv"]
     cv = pd.concat([read_csv(p, CV_COLUMNS) for p in cv_paths], ignore_index=True)
     lw = read_csv(root / "data/loss_weights.csv", LOSS_COLUMNS)
     grad = read_csv(root / "data/grad_norms.csv", GRAD_COLUMNS)
     metrics = read_metrics(root / "models_out/metrics.json")
+    claims = read_findings(root / "models_out/findings.json")
     low, high = DPI_RANGE
     if not isinstance(dpi, int) or isinstance(dpi, bool) or not low <= dpi <= high:
         raise FigureInputError(f"params.yaml: figures.dpi must be an integer between {low} and {high}, got {dpi!r}")
 
-    draws: dict[str, Callable[[], Figure]] = {name: (lambda n=name: draw_cv(cv, n)) for name in CV_FIGURES}
+    if error_bars not in ERROR_BARS:
+        raise FigureInputError(
+            f"params.yaml: figures.error_bars must be one of {', '.join(ERROR_BARS)}, got {error_bars!r}"
+        )
+    draws: dict[str, Callable[[], Figure]] = {name: (lambda n=name: draw_cv(cv, n, error_bars)) for name in CV_FIGURES}
     draws |= {name: (lambda v=v: draw_grad_norms(grad, v)) for name, v in GRAD_FIGURES.items()}
     draws |= {"loss_weights": lambda: draw_loss_weights(lw), "test_accuracy": lambda: draw_test_accuracy(metrics)}
+    draws["findings"] = lambda: draw_findings(claims)
     plt.rcdefaults()
     for name, draw in draws.items():
         save(draw(), out, name, dpi)
 
     summary = pd.concat(
-        [cv_table(cv, keys) for keys, _ in CV_FIGURES.values()] + [final_accuracy_table(metrics)], ignore_index=True
+        [cv_table(cv, keys, error_bars) for keys, _ in CV_FIGURES.values()] + [final_accuracy_table(metrics)],
+        ignore_index=True,
     )
     write_csv(summary, out / "cv_summary.csv")
     write_csv(loss_weight_table(lw), out / "loss_weights.csv")
+    write_csv(findings_table(claims), out / "findings.csv")
     return [out / f"{n}.{e}" for n in FIGURES for e in ("png", "svg")]
 
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+from dataclasses import replace
 from functools import cache
 from itertools import groupby
 
@@ -32,7 +33,16 @@ import torch.nn.functional as F
 
 from digitpairs.data.pairs import Draw, split
 from digitpairs.training.models import build_model, weight_names
-from digitpairs.training.train import TrainResult, check_hparams, epoch_order, fraction, siamese_scores
+from digitpairs.training.train import (
+    TrainResult,
+    check_hparams,
+    epoch_order,
+    fraction,
+    lr_factor,
+    shift_images,
+    shift_offsets,
+    siamese_scores,
+)
 from digitpairs.training.trials import Outcome, Trial
 
 EPS, MOMENTUM = 1e-5, 0.1  # nn.BatchNorm's defaults
@@ -250,13 +260,13 @@ class _GraphedStep:
 
 
 def _shape_key(t: Trial) -> tuple:
-    """Trials with equal keys can share one lockstep job (same layers, same step schedule)."""
-    tc = t.train
-    return (t.model, tc.epochs, tc.batch_size, tc.shuffle)
+    """Trials with equal keys can share one lockstep job: the same layers and the same training
+    except for lr and loss weights, which are per-model tensors."""
+    return (t.model, replace(t.train, lr=0.0, w2=0.0, w10=0.0))
 
 
 def group_trials(trials: list[Trial], batch: int) -> list[list[Trial]]:
-    """Group trials of equal model config and epochs/batch_size/shuffle into chunks of <= ``batch``.
+    """Group trials that differ only in lr, loss weights, draw and seed into chunks of <= ``batch``.
 
     Groups appear in order of their first trial and keep the trials' order inside, so the jobs
     depend only on the input list (deterministic across runs and machines).
@@ -433,37 +443,51 @@ class _Split:
         self.channels = 3 - self.digits
         x = torch.cat([p[0] for p in parts])  # [D * n, 2, 14, 14]
         x = x.permute(0, 2, 3, 1) if self.digits == 1 else x.unsqueeze(-1)
-        img = x.reshape(-1, 14, 14, self.channels)
         # im2col once per draw (the data never change): a step then copies whole rows, which is
         # several times faster than building the strided windows of every mini-batch again
-        self.cols = im2col(img).to(device)  # one row per digit image
+        self.cols = im2col(x.reshape(-1, 14, 14, self.channels)).to(device)  # one row per digit image
         self.images = x.reshape(len(x), -1).contiguous().to(device)
         self.target = torch.cat([p[1] for p in parts]).to(device)
         self.classes = torch.cat([p[2] for p in parts]).to(device)
         self.offset = torch.tensor([ids.index(t.draw) * n for t in job], device=device).view(-1, 1)
 
-    def take(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    def take(
+        self, rows: torch.Tensor, offsets: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Rows ``[K, b]`` (already offset per model) -> ``cols, flat, target, classes`` of the mini-batch:
         conv1's im2col ``[K, 4 * b' * 36, 9 * C]`` (:func:`conv1_cols`) and images ``[K, b', 196 * C]``,
-        where b' = b digit images (siamese: 2b, digit 1 of pair i at image 2i, digit 2 at 2i+1)."""
+        where b' = b digit images (siamese: 2b, digit 1 of pair i at image 2i, digit 2 at 2i+1).
+        ``offsets [K, b, 2, 2]`` shift every digit image (``shift_images``, the loop engine's
+        augmentation) and im2col is then computed afresh."""
         k, b = rows.shape
         c, d = self.channels, self.digits
-        images = rows.unsqueeze(2) * d + torch.arange(d, device=rows.device) if d > 1 else rows.unsqueeze(2)
-        cols = conv1_cols(self.cols, images.view(k, b * d))
-        flat = self.images.index_select(0, rows.reshape(-1)).view(k, b * d, 196 * c)
-        return cols, flat, self.target[rows], self.classes[rows]
+        if offsets is None:
+            images = rows.unsqueeze(2) * d + torch.arange(d, device=rows.device) if d > 1 else rows.unsqueeze(2)
+            cols = conv1_cols(self.cols, images.view(k, b * d))
+            flat = self.images.index_select(0, rows.reshape(-1)).view(k, b * d, 196 * c)
+            return cols, flat, self.target[rows], self.classes[rows]
+        img = self.images.index_select(0, rows.reshape(-1))  # [K * b, 392], channels-last
+        planes = img.view(-1, 14, 14, 2).permute(0, 3, 1, 2) if d == 1 else img.view(-1, 2, 14, 14)
+        planes = shift_images(planes.reshape(-1, 14, 14), offsets.reshape(-1, 2)).view(-1, 2, 14, 14)
+        img = planes.permute(0, 2, 3, 1) if d == 1 else planes.unsqueeze(-1)
+        img = img.reshape(-1, 14, 14, c)  # digit images in (model, pair, digit) order
+        cols = conv1_cols(im2col(img), torch.arange(k * b * d, device=img.device).view(k, b * d))
+        return cols, img.reshape(k, b * d, 196 * c), self.target[rows], self.classes[rows]
 
 
-def _losses(stack: _Stack, out, t: torch.Tensor, c: torch.Tensor, w2: torch.Tensor, w10: torch.Tensor):
+def _losses(
+    stack: _Stack, out, t: torch.Tensor, c: torch.Tensor, w2: torch.Tensor, w10: torch.Tensor, smoothing: float
+):
     """Per-model losses ``[K]``, each exactly ``loss_fn`` of that model's mini-batch."""
     if stack.arch == "pair":
         k, b = out.shape[:2]
-        return F.cross_entropy(out.reshape(k * b, 2), t.reshape(-1), reduction="none").view(k, b).mean(1)
+        ce = F.cross_entropy(out.reshape(k * b, 2), t.reshape(-1), reduction="none", label_smoothing=smoothing)
+        return ce.view(k, b).mean(1)
     cmp, digits = out
     k, b = cmp.shape[:2]
-    ce2 = F.cross_entropy(cmp.reshape(k * b, 2), t.reshape(-1), reduction="none").view(k, b).mean(1)
-    ce10 = F.cross_entropy(digits.reshape(-1, 10), c.reshape(-1), reduction="none").view(k, -1).sum(1) / b
-    return w2 * ce2 + w10 * ce10
+    ce2 = F.cross_entropy(cmp.reshape(k * b, 2), t.reshape(-1), reduction="none", label_smoothing=smoothing)
+    ce10 = F.cross_entropy(digits.reshape(-1, 10), c.reshape(-1), reduction="none", label_smoothing=smoothing)
+    return w2 * ce2.view(k, b).mean(1) + w10 * (ce10.view(k, -1).sum(1) / b)
 
 
 def run_lockstep(
@@ -478,7 +502,9 @@ def run_lockstep(
         return []
     ref = job[0]
     if any(_shape_key(t) != _shape_key(ref) for t in job):
-        raise ValueError("a lockstep job needs trials of one model config, epochs, batch_size and shuffle.")
+        raise ValueError(
+            "a lockstep job needs trials of one model config and training settings but lr and loss weights."
+        )
     dev = torch.device(device)
     if dev.type == "cpu":
         _tune_cpu_allocator()
@@ -500,39 +526,64 @@ def run_lockstep(
     w2 = torch.tensor([t.train.w2 for t in job], device=dev)
     w10 = torch.tensor([t.train.w10 for t in job], device=dev)
     gens = [t.shuffle_generator() for t in job]
+    shift_gens = [t.shift_generator() for t in job]
     bs = int(tc.batch_size)
     steps = tc.epochs * ((n + bs - 1) // bs)
     norms = torch.zeros(steps, k, len(stack.weights), device=dev) if record_grad_norms else None
     neg_lr = [-lr.view(-1, *([1] * (p.dim() - 1))) for p in stack.params]
     epoch_loss = torch.zeros(tc.epochs, k, device=dev)
+    momentum: list[torch.Tensor] = []  # torch.optim.SGD's buffers, created at the first step
 
-    def sgd_step(rows: torch.Tensor, loss_acc: torch.Tensor, norms_row: torch.Tensor | None = None) -> None:
-        """One mini-batch for all K models: forward, backward, SGD update; adds the losses to ``loss_acc``."""
-        cols, flat, tgt, cls = data.take(rows)
-        losses = _losses(stack, stack.forward(cols, flat, True), tgt, cls, w2, w10)
-        grads = torch.autograd.grad(losses.sum(), stack.params)
+    def sgd_step(
+        rows: torch.Tensor,
+        loss_acc: torch.Tensor,
+        norms_row: torch.Tensor | None = None,
+        offsets: torch.Tensor | None = None,
+        factor: float = 1.0,
+    ) -> None:
+        """One mini-batch for all K models: forward, backward, SGD update; adds the losses to ``loss_acc``.
+
+        The update is ``torch.optim.SGD``'s (weight decay, then momentum, Nesterov or not), each model
+        with its own lr times the schedule's ``factor``; the study's plain SGD skips the extra terms."""
+        cols, flat, tgt, cls = data.take(rows, offsets)
+        losses = _losses(stack, stack.forward(cols, flat, True), tgt, cls, w2, w10, tc.label_smoothing)
+        grads = list(torch.autograd.grad(losses.sum(), stack.params))
         with torch.no_grad():
             if norms_row is not None:
                 gw = dict(zip(map(id, stack.params), grads, strict=True))
                 norms_row.copy_(torch.stack([gw[id(w)].flatten(1).norm(dim=1) for w in stack.weights], 1))
+            if tc.weight_decay:
+                grads = torch._foreach_add(grads, stack.params, alpha=tc.weight_decay)
+            if tc.momentum:
+                if momentum:
+                    torch._foreach_mul_(momentum, tc.momentum)
+                    torch._foreach_add_(momentum, grads)
+                else:
+                    momentum.extend(g.clone() for g in grads)
+                grads = torch._foreach_add(grads, momentum, alpha=tc.momentum) if tc.nesterov else momentum
             for p, g, lv in zip(stack.params, grads, neg_lr, strict=True):
-                p.addcmul_(g, lv)  # plain SGD, each model its own lr
+                p.addcmul_(g, lv if factor == 1.0 else lv * factor)  # each model its own lr
             loss_acc += losses.detach() * rows.shape[1]
             for t in stack.counters:
                 t += 1
 
-    # A graph freezes the step's shapes (every mini-batch full) and records no per-step output.
-    graphable = dev.type == "cuda" and CUDA_GRAPHS and n % bs == 0 and norms is None
+    # A graph freezes the step's shapes (every mini-batch full), its lr and its inputs' pixels, and
+    # records no per-step output.
+    plain = tc.schedule == "constant" and not tc.shift
+    graphable = dev.type == "cuda" and CUDA_GRAPHS and n % bs == 0 and norms is None and plain
     step_fn = _GraphedStep(sgd_step, k, bs, dev) if graphable else sgd_step
     step = 0
     for epoch in range(tc.epochs):
         order = torch.stack([epoch_order(n, tc.shuffle, g) for g in gens]).to(dev) + data.offset
         for start in range(0, n, bs):
             rows = order[:, start : start + bs]
-            if norms is not None:
-                step_fn(rows, epoch_loss[epoch], norms[step])
-            else:
+            if graphable:
                 step_fn(rows, epoch_loss[epoch])
+            else:
+                b = rows.shape[1]
+                offsets = torch.stack([shift_offsets(b, tc.shift, g) for g in shift_gens]) if tc.shift else None
+                norms_row = norms[step] if norms is not None else None
+                step_fn(rows, epoch_loss[epoch], norms_row, offsets, lr_factor(tc, step, steps))
             step += 1
     epoch_loss = (epoch_loss / n).cpu()
     scores = [{} for _ in job]

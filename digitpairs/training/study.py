@@ -12,7 +12,15 @@ import pandas as pd
 from digitpairs.core.params import GRID_KEYS
 from digitpairs.core.paths import PAIRS_DIR
 from digitpairs.core.stats import ci95, mean_std
-from digitpairs.core.variants import VARIANTS, variant_score, variants_of
+from digitpairs.core.variants import (
+    ALL_ADDITIONS,
+    NO_ADDITIONS,
+    PLUS,
+    STUDY_VARIANTS,
+    VARIANTS,
+    variant_score,
+    variants_of,
+)
 from digitpairs.training.runner import run_trials
 from digitpairs.training.train import TrainConfig, resolve_device
 from digitpairs.training.trials import Outcome, Trial, make_trial
@@ -24,6 +32,19 @@ WIDTH_KEYS = ("nbch1", "nbch2", "nbfch", "batch_norm", "skip_connections")
 def train_config(train: dict, lr: float) -> TrainConfig:
     """Optimisation settings shared by every stage (``train`` section) with a given lr."""
     return TrainConfig(lr=lr, epochs=train["epochs"], batch_size=train["batch_size"], shuffle=train["shuffle"])
+
+
+def recipe_config(params: dict, lr: float) -> TrainConfig:
+    """siamese-plus's training: the ``recipe`` section's optimiser, schedule, smoothing and shifts, with
+    the study's epochs and shuffling (its budget)."""
+    r, train = params["recipe"], params["train"]
+    keys = ("batch_size", "momentum", "nesterov", "weight_decay", "schedule", "label_smoothing", "shift")
+    return TrainConfig(lr=lr, epochs=train["epochs"], shuffle=train["shuffle"], **{k: r[k] for k in keys})
+
+
+def config_of(variant: str, lr: float, params: dict) -> TrainConfig:
+    """The training settings of ``variant`` at learning rate ``lr``."""
+    return recipe_config(params, lr) if variant == PLUS else train_config(params["train"], lr)
 
 
 def widths(config: dict, train: dict) -> dict:
@@ -91,15 +112,117 @@ def _plain(v):
     return v.item() if hasattr(v, "item") else v
 
 
-def read_selected(cv_dir: Path) -> dict[str, dict]:
-    """Selected configuration of every variant, from the ``cv`` stage's JSON files."""
+def read_selected(cv_dir: Path, recipe: Path | None = None) -> dict[str, dict]:
+    """Selected configuration of the study's variants (the ``cv`` stage's JSON files) and, given the
+    ``recipe`` stage's file, of siamese-plus."""
     selected = {}
     for arch in ("pair", "siamese"):
         selected |= json.loads((Path(cv_dir) / f"{arch}_selected.json").read_text())
-    missing = set(VARIANTS) - set(selected)
+    missing = set(STUDY_VARIANTS) - set(selected)
     if missing:
         raise ValueError(f"{cv_dir} has no selected configuration for {sorted(missing)}; rerun `dvc repro cv`.")
+    if recipe is not None:
+        selected |= json.loads(Path(recipe).read_text())
+        if PLUS not in selected:
+            raise ValueError(f"{recipe} has no selected configuration for {PLUS}; rerun `dvc repro recipe`.")
     return selected
+
+
+def recipe_trials(params: dict) -> list[Trial]:
+    """siamese-plus's search: the ``recipe`` grid with the recipe's training, on its first draws."""
+    r = params["recipe"]
+    return [
+        make_trial(PLUS, widths(c, params["train"]), recipe_config(params, c["lr"]), draw, r["seed"])
+        for c in grid(r)
+        for draw in range(r["n_draws"])
+    ]
+
+
+def ablations(tc: TrainConfig, study_batch_size: int) -> dict[str, TrainConfig]:
+    """The selected recipe without one addition at a time (only those it uses). Without momentum the
+    lr is divided by (1 - momentum), so each step still moves as far."""
+    out = {}
+    if tc.momentum:
+        out["no momentum"] = replace(tc, momentum=0.0, nesterov=False, lr=tc.lr / (1 - tc.momentum))
+    if tc.nesterov:
+        out["no Nesterov"] = replace(tc, nesterov=False)
+    if tc.weight_decay:
+        out["no weight decay"] = replace(tc, weight_decay=0.0)
+    if tc.schedule != "constant":
+        out["constant lr"] = replace(tc, schedule="constant")
+    if tc.label_smoothing:
+        out["no label smoothing"] = replace(tc, label_smoothing=0.0)
+    if tc.shift:
+        out["no shifts"] = replace(tc, shift=0)
+    if tc.batch_size != study_batch_size:
+        out[f"batch size {study_batch_size}"] = replace(tc, batch_size=study_batch_size)
+    return out
+
+
+def ablation_trials(selected: dict, params: dict) -> tuple[list[str], list[Trial]]:
+    """The recipe's ablation on its search draws: one name per trial. Besides the full recipe, one row
+    trains siamese-plus's network the study's way (siamese-10's lr, plain SGD) and every other row drops
+    one addition."""
+    r, train, config = params["recipe"], params["train"], selected[PLUS]
+    base = make_trial(PLUS, widths(config, train), recipe_config(params, config["lr"]), 0, r["seed"])
+    study = replace(train_config(train, selected["siamese-10"]["lr"]), w2=base.train.w2, w10=base.train.w10)
+    rows = {ALL_ADDITIONS: base.train, NO_ADDITIONS: study} | ablations(base.train, train["batch_size"])
+    names, trials = [], []
+    for name, tc in rows.items():
+        for draw in range(r["n_draws"]):
+            names.append(name)
+            trials.append(replace(base, train=tc, draw=draw))
+    return names, trials
+
+
+def ablation_table(names: list[str], outcomes: list[Outcome]) -> pd.DataFrame:
+    """Tidy ablation results: validation accuracy of both decision rules per row and draw."""
+    rows = []
+    for name, o in zip(names, outcomes, strict=True):
+        val = o.scores["val"]
+        rows.append(
+            {
+                "ablation": name,
+                "draw": o.trial.draw,
+                "lr": o.trial.train.lr,
+                "argmax": val["digit_comparison_accuracy"],
+                "posterior": val["digit_posterior_accuracy"],
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def select_on_test(table: pd.DataFrame) -> dict[str, dict]:
+    """The original's protocol: per variant, the configuration with the best mean *test* accuracy."""
+    return select(table.assign(score=table["test_accuracy"], score_on="test"))
+
+
+def control_trials(selected: dict, test_selected: dict, params: dict) -> tuple[list[str], list[Trial]]:
+    """What the findings need beyond the study's runs, one kind per trial:
+
+    - ``no_aux``: the siamese model at siamese-2's configuration with loss weights (1, 0) on every draw,
+      the control of the final siamese-2 models (the same trials but for w10);
+    - ``test_selected``: each study variant's test-selected configuration on the draws that cross-
+      validation never saw, to measure how optimistic the original's protocol is.
+    """
+    train, cv, n = params["train"], params["cv"], params["data"]["n_draws"]
+    s2 = selected["siamese-2"]
+    base = make_trial("siamese-2", widths(s2, train), train_config(train, s2["lr"]), 0, train["seed"])
+    kinds = ["no_aux"] * n
+    trials = [replace(base, train=replace(base.train, w10=0.0), draw=d) for d in range(n)]
+    for v in STUDY_VARIANTS:
+        c = test_selected[v]
+        unseen = range(cv["n_draws"], n)
+        kinds += ["test_selected"] * len(unseen)
+        trials += [make_trial(v, widths(c, train), train_config(train, c["lr"]), d, cv["seed"]) for d in unseen]
+    return kinds, trials
+
+
+def control_table(kinds: list[str], outcomes: list[Outcome]) -> pd.DataFrame:
+    """Tidy control results: kind, variant, configuration, draw and the variant's accuracies."""
+    table = cv_table(outcomes, "test")
+    table.insert(0, "kind", kinds)
+    return table
 
 
 def loss_weight_trials(selected: dict, params: dict) -> list[Trial]:
@@ -166,10 +289,10 @@ def grad_norm_table(outcomes: list[Outcome]) -> pd.DataFrame:
 
 
 def final_trials(selected: dict, params: dict) -> list[Trial]:
-    """SPEC experiment 4: every variant at its selected configuration on every draw."""
+    """SPEC experiment 4: every variant at its selected configuration on every draw (siamese-plus too)."""
     train = params["train"]
     return [
-        make_trial(v, widths(selected[v], train), train_config(train, selected[v]["lr"]), draw, train["seed"])
+        make_trial(v, widths(selected[v], train), config_of(v, selected[v]["lr"], params), draw, train["seed"])
         for v in VARIANTS
         for draw in range(params["data"]["n_draws"])
     ]

@@ -35,6 +35,10 @@ class Trial:
         """Mini-batch order depends on seed and draw only (common random numbers across configs)."""
         return generator(self.seed, "shuffle", self.draw)
 
+    def shift_generator(self) -> torch.Generator:
+        """Augmentation offsets depend on seed and draw only, like the mini-batch order."""
+        return generator(self.seed, "shift", self.draw)
+
     def key(self) -> str:
         """Stable hash of the full configuration (for checkpoints and resumption)."""
         blob = json.dumps(asdict(self), sort_keys=True)
@@ -74,7 +78,17 @@ def run_trial(
     """Build, train and score one trial with the per-model loop; scores are per split."""
     model = build_model(trial.model, trial.init_generator()).to(device)
     x, t, c = split(draw, "train")
-    result = train(model, trial.model.arch, x, t, c, trial.train, trial.shuffle_generator(), record_grad_norms)
+    result = train(
+        model,
+        trial.model.arch,
+        x,
+        t,
+        c,
+        trial.train,
+        trial.shuffle_generator(),
+        record_grad_norms,
+        trial.shift_generator(),
+    )
     scores = {s: evaluate(model, trial.model.arch, *split(draw, s)) for s in ("val", "test")}
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     return Outcome(trial, scores, result, state)

@@ -1,0 +1,121 @@
+"""What the study's numbers establish: each claim as an effect with a 95% CI and p-values, Holm-corrected
+over the family, plus what selecting on the test set costs and what each addition of siamese-plus earns.
+
+Differences are in accuracy (fractions; the README and the figure show points). Every claim is paired
+over the same draws (or, for batch norm and skip connections, over grid configurations that differ only
+in that switch, on the same draw), except the test-selection gap, which compares disjoint draws (Welch).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+from digitpairs.core.params import GRID_KEYS
+from digitpairs.core.stats import holm, mean_std, paired, welch
+from digitpairs.core.variants import ALL_ADDITIONS, PLUS, STUDY_VARIANTS, VARIANTS
+
+# slug -> what it compares (figure and README label)
+CLAIMS = {
+    "sharing_digits": "siamese-10 vs pair (weight sharing, digit loss)",
+    "sharing_aux": "siamese-2 vs pair (weight sharing, auxiliary loss)",
+    "aux_loss": "siamese-2 vs its control without auxiliary loss",
+    "plus": "siamese-plus vs siamese-10 (the recipe)",
+    **{f"batch_norm_{v}": f"batch norm on vs off, {v}" for v in STUDY_VARIANTS},
+    **{f"skip_{v}": f"skip connections on vs off, {v}" for v in STUDY_VARIANTS},
+    **{f"test_selection_{v}": f"test-selected, reported vs unseen draws, {v}" for v in STUDY_VARIANTS},
+}
+# ablation.csv column of each decision rule
+RULE_COLUMN = {"digit_comparison_accuracy": "argmax", "digit_posterior_accuracy": "posterior"}
+OTHER_RULE = {"argmax": "posterior decision", "posterior": "argmax decision"}
+
+
+def _by_draw(frame: pd.DataFrame, column: str) -> pd.Series:
+    return frame.set_index("draw")[column].sort_index()
+
+
+def _pair_over_draws(a: pd.Series, b: pd.Series) -> dict:
+    """``paired`` on the draws both series hold (they are indexed by draw)."""
+    common = a.index.intersection(b.index)
+    if len(common) == 0:
+        raise ValueError("no draw in common to pair")
+    return paired(a.loc[common].to_numpy(), b.loc[common].to_numpy())
+
+
+def switch_effect(cv: pd.DataFrame, variant: str, switch: str) -> dict:
+    """Switch on - off, paired over (every other grid value, draw) of ``variant``'s CV rows.
+
+    The pairs share draws, so they are not independent: the CI and p-value are optimistic by the
+    correlation between configurations of one draw (the README says so)."""
+    rows = cv[cv["variant"] == variant]
+    others = [k for k in GRID_KEYS if k != switch] + ["draw"]
+    on = rows[rows[switch].astype(str).str.lower() == "true"].set_index(others)["score"]
+    off = rows[rows[switch].astype(str).str.lower() == "false"].set_index(others)["score"]
+    common = on.index.intersection(off.index)
+    return paired(on.loc[common].to_numpy(), off.loc[common].to_numpy())
+
+
+def test_selection(cv: pd.DataFrame, controls: pd.DataFrame, variant: str) -> dict:
+    """The original's protocol for ``variant``: the configuration with the best mean test accuracy on the
+    CV draws reports that mean; the same configuration's test accuracy on draws CV never saw is what it
+    is worth. Returns Welch's comparison (reported - unseen) and both means."""
+    unseen = controls[(controls["kind"] == "test_selected") & (controls["variant"] == variant)]
+    config = unseen.iloc[0][list(GRID_KEYS)]
+    rows = cv[cv["variant"] == variant]
+    same = (rows[list(GRID_KEYS)].astype(str) == config.astype(str).to_numpy()).all(axis=1)
+    reported = rows.loc[same, "test_accuracy"]
+    result = welch(reported.to_numpy(), unseen["test_accuracy"].to_numpy())
+    return result | {"reported": float(reported.mean()), "unseen": float(unseen["test_accuracy"].mean())}
+
+
+def claims(cv: pd.DataFrame, scores: pd.DataFrame, controls: pd.DataFrame) -> dict[str, dict]:
+    """Every claim of :data:`CLAIMS`, with Holm's correction over all of them (t-test and Wilcoxon
+    p-values each corrected as one family)."""
+    acc = {v: _by_draw(scores[scores["variant"] == v], "accuracy") for v in VARIANTS}
+    no_aux = _by_draw(controls[controls["kind"] == "no_aux"], "test_accuracy")
+    out = {
+        "sharing_digits": _pair_over_draws(acc["siamese-10"], acc["pair"]),
+        "sharing_aux": _pair_over_draws(acc["siamese-2"], acc["pair"]),
+        "aux_loss": _pair_over_draws(acc["siamese-2"], no_aux),
+        "plus": _pair_over_draws(acc[PLUS], acc["siamese-10"]),
+    }
+    for v in STUDY_VARIANTS:
+        out[f"batch_norm_{v}"] = switch_effect(cv, v, "batch_norm")
+        out[f"skip_{v}"] = switch_effect(cv, v, "skip_connections")
+    for v in STUDY_VARIANTS:
+        out[f"test_selection_{v}"] = test_selection(cv, controls, v)
+    for p_key in ("p_t", "p_wilcoxon"):  # each test's p-values one family; untested claims stay None
+        tested = [slug for slug in out if out[slug].get(p_key) is not None]
+        for slug in out:
+            out[slug][f"{p_key}_holm"] = None
+        for slug, p in zip(tested, holm([out[slug][p_key] for slug in tested]), strict=True):
+            out[slug][f"{p_key}_holm"] = p
+    return {s: out[s] for s in CLAIMS}
+
+
+def ablation(table: pd.DataFrame) -> dict[str, dict]:
+    """Validation accuracy of siamese-plus without each addition, by its decision rule, and the change
+    from the full recipe paired by draw; one more row applies the other decision rule to the full recipe."""
+    rule = RULE_COLUMN[VARIANTS[PLUS].metric]
+    full = table[table["ablation"] == ALL_ADDITIONS]
+    base = _by_draw(full, rule)
+    out = {}
+    rows = [(name, _by_draw(g, rule)) for name, g in table.groupby("ablation", sort=False)]
+    rows.append((OTHER_RULE[rule], _by_draw(full, "posterior" if rule == "argmax" else "argmax")))
+    for name, values in rows:
+        mean, std = mean_std(values)
+        out[name] = {"val_mean": mean, "val_std": std} | {
+            f"change_{k}": v for k, v in _pair_over_draws(values, base).items()
+        }
+    return out
+
+
+def compute(root: Path) -> dict:
+    """findings.json from the pipeline's files under ``root``."""
+    root = Path(root)
+    cv = pd.concat([pd.read_csv(root / "data" / "cv" / f"{a}.csv") for a in ("pair", "siamese")], ignore_index=True)
+    scores = pd.read_csv(root / "models_out" / "test_scores.csv")
+    controls = pd.read_csv(root / "data" / "controls.csv")
+    table = pd.read_csv(root / "data" / "recipe" / "ablation.csv")
+    return {"claims": claims(cv, scores, controls), "ablation": ablation(table)}
