@@ -288,20 +288,20 @@ def grad_norm_table(outcomes: list[Outcome]) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True)
 
 
-def final_trials(selected: dict, params: dict) -> list[Trial]:
-    """SPEC experiment 4: every variant at its selected configuration on every draw (siamese-plus too)."""
+def final_trials(selected: dict, params: dict, variants: tuple[str, ...] = tuple(VARIANTS)) -> list[Trial]:
+    """SPEC experiment 4: each of ``variants`` (default: all four) at its selected configuration on every draw."""
     train = params["train"]
     return [
         make_trial(v, widths(selected[v], train), config_of(v, selected[v]["lr"], params), draw, train["seed"])
-        for v in VARIANTS
+        for v in variants
         for draw in range(params["data"]["n_draws"])
     ]
 
 
-def final_metrics(scores: pd.DataFrame, selected: dict) -> dict:
+def final_metrics(scores: pd.DataFrame, selected: dict, variants: tuple[str, ...] = tuple(VARIANTS)) -> dict:
     """``metrics.json``: per variant, test accuracy mean, std, 95% CI over draws, and its config."""
     out = {}
-    for variant in VARIANTS:
+    for variant in variants:
         acc = scores.loc[scores["variant"] == variant, "accuracy"]
         mean, std = mean_std(acc)
         low, high = ci95(acc)
