@@ -81,34 +81,33 @@ def read_csv(path: Path, columns: tuple[str, ...]) -> pd.DataFrame:
     return df
 
 
-def read_metrics(path: Path) -> dict[str, dict]:
-    """models_out/metrics.json, checked to hold every variant with the keys the test-accuracy figure draws."""
+def _read_json(path: Path, names, keys: tuple[str, ...], section: str | None = None) -> dict[str, dict]:
+    """A JSON result file (or its ``section``), checked to hold ``keys`` under every one of ``names``;
+    otherwise a one-line ``FigureInputError`` naming the file and the first missing key."""
     if not path.is_file():
         raise FigureInputError(f"{path}: file not found")
     try:
-        metrics = json.loads(path.read_text())
+        data = json.loads(path.read_text())
     except json.JSONDecodeError as err:
         raise FigureInputError(f"{path}: not valid JSON ({err.msg})") from None
-    for v in VARIANTS:
-        for k in METRIC_KEYS:
-            if not isinstance(metrics, dict) or not isinstance(metrics.get(v), dict) or k not in metrics[v]:
-                raise FigureInputError(f"{path}: missing key '{v}.{k}'")
-    return metrics
+    prefix = f"{section}." if section else ""
+    if section:
+        data = data.get(section) if isinstance(data, dict) else None
+    for name in names:
+        for k in keys:
+            if not isinstance(data, dict) or not isinstance(data.get(name), dict) or k not in data[name]:
+                raise FigureInputError(f"{path}: missing key '{prefix}{name}.{k}'")
+    return data
+
+
+def read_metrics(path: Path) -> dict[str, dict]:
+    """models_out/metrics.json, checked to hold every variant with the keys the test-accuracy figure draws."""
+    return _read_json(path, VARIANTS, METRIC_KEYS)
 
 
 def read_findings(path: Path) -> dict[str, dict]:
-    """models_out/findings.json, checked to hold every claim with the keys the findings figure draws."""
-    if not path.is_file():
-        raise FigureInputError(f"{path}: file not found")
-    try:
-        claims = json.loads(path.read_text()).get("claims")
-    except (json.JSONDecodeError, AttributeError) as err:
-        raise FigureInputError(f"{path}: not a findings file ({err})") from None
-    for slug in CLAIMS:
-        for k in FINDING_KEYS:
-            if not isinstance(claims, dict) or not isinstance(claims.get(slug), dict) or k not in claims[slug]:
-                raise FigureInputError(f"{path}: missing key 'claims.{slug}.{k}'")
-    return claims
+    """models_out/findings.json's claims, checked to hold every claim with the keys the findings figure draws."""
+    return _read_json(path, CLAIMS, FINDING_KEYS, section="claims")
 
 
 def _as_bool(s: pd.Series) -> pd.Series:
