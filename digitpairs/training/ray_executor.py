@@ -1,22 +1,133 @@
 """Run jobs as Ray tasks on the cluster named by RAY_ADDRESS, or on a local Ray instance.
 
 Results equal the local executor's bit for bit: a task runs the same function with the same torch
-thread count, and each trial's randomness comes from its own key, not from where it runs.
+thread count, and each trial's randomness comes from its own key, not from where it runs. A task
+refuses to compute on a node whose numeric settings (pins, library versions, instruction set:
+:func:`numerics.fingerprint`) differ from the driver's, since the checkpoint key the driver writes
+names the driver's settings.
+
+Failures a cluster user meets end the stage with one line (:class:`StageError`): an address where
+nothing answers (within :data:`CONNECT_TIMEOUT_S`), a cluster that asks for an authentication token
+the driver lacks, and a cluster lost mid-run (the head gone), with the number of trials checkpointed.
+A lost worker node is Ray's business: its tasks are retried elsewhere (:data:`MAX_RETRIES`).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import socket
+import sys
+import time
+from collections import Counter
 from collections.abc import Callable, Hashable, Iterator
+from pathlib import Path
+
+from digitpairs.core.io import StageError
+
+# Seconds to reach RAY_ADDRESS before the stage gives up (Ray itself retries for minutes, or for
+# ever when it rewrites a loopback address to another interface).
+CONNECT_TIMEOUT_S = 10.0
+# Retries of a task whose worker or node died (Ray's default, stated): trials are pure functions
+# of their key, so rerunning one elsewhere gives the same bits.
+MAX_RETRIES = 3
+# While it waits for results the driver checks, about every WATCH_S seconds, that the head still
+# accepts connections; LOST_AFTER failed checks in a row mean the cluster is gone. Without the head
+# Ray can neither retry a lost task nor place a new one, and ends the driver itself after 60 s
+# without a word; stopping first gives one line and keeps every finished trial checkpointed.
+WATCH_S = 1.0
+LOST_AFTER = 2
 
 
-def _call(fn: Callable, threads: int, job: list, keys: list, *values: object):
-    """A Ray task: ``fn(job, shared)`` with the run's torch thread count (Ray reserves that many CPUs)."""
+class ClusterLost(StageError):
+    """The Ray cluster went away mid-run (head node down, driver disconnected)."""
+
+
+def runtime_env(cluster: bool) -> dict:
+    """The workers' runtime environment: the numeric pins, set by Ray in the worker's environment
+    before its Python starts (so before torch loads), whatever the node's own environment holds;
+    on a cluster also this package (``py_modules``), so nodes need only the pinned requirements."""
+    from digitpairs.core import numerics
+
+    env = numerics.env()
+    env.setdefault(numerics.UNPINNED_ENV, "0")  # a node's own DIGITPAIRS_UNPINNED=1 must not leak in
+    out: dict = {"env_vars": env}
+    if cluster:
+        import digitpairs
+
+        out["py_modules"] = [str(Path(digitpairs.__file__).parent)]
+        out["excludes"] = ["__pycache__"]
+    return out
+
+
+def _call(fn: Callable, threads: int, expect: str, device: str, job: list, keys: list, *values: object):
+    """A Ray task: ``fn(job, shared)`` with the run's torch thread count (Ray reserves that many CPUs).
+
+    Refuses a node whose numeric fingerprint differs from the driver's ``expect``. Returns the node's
+    id with the result, so the driver can say where its trials ran.
+    """
+    import ray
     import torch
 
+    from digitpairs.core import numerics
+
+    if numerics.digest(device) != expect:
+        raise RuntimeError(
+            f"node {ray.get_runtime_context().get_node_id()} computes with other numeric settings than the "
+            f"driver ({numerics.fingerprint(device)}): install the pinned requirements.txt on every node."
+        )
     torch.set_num_threads(threads)
-    return fn(job, dict(zip(keys, values, strict=True))) if keys else fn(job)
+    out = fn(job, dict(zip(keys, values, strict=True))) if keys else fn(job)
+    return ray.get_runtime_context().get_node_id(), out
+
+
+def _hostport(address: str) -> tuple[str, int] | None:
+    """``host:port`` of an explicit address (``ray://`` included); None for ``auto``/``local``."""
+    rest = address.split("://", 1)[1] if "://" in address else address
+    host, sep, port = rest.rpartition(":")
+    if not sep or not port.isdigit():
+        return None
+    return host.strip("[]"), int(port)
+
+
+def _reachable(address: str, timeout: float) -> None:
+    """Raise StageError unless something accepts a TCP connection at ``address`` within ``timeout`` s.
+
+    Ray rewrites a loopback address to the machine's own interface and retries for minutes; this
+    check connects to the address exactly as written, bounded in time.
+    """
+    hp = _hostport(address)
+    if hp is None:
+        return
+    deadline, err = time.monotonic() + timeout, None
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(hp, timeout=min(5.0, max(0.1, deadline - time.monotonic()))):
+                return
+        except OSError as e:
+            err = e
+            time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
+    raise StageError(
+        f"RAY_ADDRESS={address}: nothing answers at {hp[0]}:{hp[1]} within {timeout:.0f} s ({err}); "
+        "start the cluster (`ray start --head`) or fix the address, or unset RAY_ADDRESS for a local instance."
+    )
+
+
+def connect(address: str, env: dict, **kwargs: object) -> None:
+    """``ray.init(address)`` whose workers see only ``env``'s code.
+
+    Ray adds the driver's working directory to every worker's ``sys.path``, ahead of ``py_modules``:
+    a node holding a folder at that path (a shared home, an old clone in the same place) would run
+    its own copy of digitpairs under this driver's checkpoint keys. An empty ``working_dir`` turns
+    that off (Ray skips the driver's folders when a job has one); it is uploaded once, at connect.
+    """
+    import tempfile
+
+    import ray
+
+    with tempfile.TemporaryDirectory(prefix="digitpairs-ray-") as empty:
+        Path(empty, "README").write_text("An empty working directory: digitpairs travels as py_modules.\n")
+        ray.init(address=address, runtime_env={**env, "working_dir": empty}, **kwargs)
 
 
 def _start(cpus: int) -> bool:
@@ -24,22 +135,38 @@ def _start(cpus: int) -> bool:
     dashboard. Returns whether this call started Ray (and so must shut it down)."""
     import ray
 
-    from digitpairs.core import numerics
-
     if ray.is_initialized():
         return False
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     quiet = {"include_dashboard": False, "log_to_driver": False, "logging_level": logging.WARNING}
     address = os.environ.get("RAY_ADDRESS") or None
-    if address:
-        import digitpairs
-
-        # Cluster nodes need this package's code (torch and the rest must be installed there) and
-        # the numeric pins in their workers' environment before torch loads.
-        ray.init(address=address, runtime_env={"py_modules": [digitpairs], "env_vars": numerics.env()}, **quiet)
-    else:
-        ray.init(num_cpus=cpus, runtime_env={"env_vars": numerics.env()}, **quiet)
+    if not address:
+        ray.init(num_cpus=cpus, runtime_env=runtime_env(cluster=False), **quiet)
+        return True
+    _reachable(address, CONNECT_TIMEOUT_S)
+    try:
+        connect(address, runtime_env(cluster=True), **quiet)
+    except ray.exceptions.AuthenticationError as err:
+        raise StageError(
+            f"RAY_ADDRESS={address}: the cluster refused this driver's authentication token ({err.message.strip()}); "
+            "give the driver the head's token: RAY_AUTH_MODE=token and RAY_AUTH_TOKEN_PATH=<a copy of the "
+            "head's ~/.ray/auth_token> (or RAY_AUTH_TOKEN=<token>)."
+        ) from None
+    except ConnectionError as err:
+        raise StageError(f"RAY_ADDRESS={address}: could not connect to the Ray cluster: {err}") from None
     return True
+
+
+def _head_answers(address: str) -> bool:
+    """Whether the head at ``address`` accepts a TCP connection (True for ``auto``: nothing to check)."""
+    hp = _hostport(address)
+    if hp is None:
+        return True
+    try:
+        with socket.create_connection(hp, timeout=2.0):
+            return True
+    except OSError:
+        return False
 
 
 def ray_map(
@@ -59,24 +186,50 @@ def ray_map(
     ``needs(job)`` names as ``fn(job, {key: value})``, so workers need no access to local files.
     A local Ray instance (no RAY_ADDRESS) gets ``cpus`` CPUs; the caller knows how many this
     process may use (it is passed in, so this module imports nothing from the runner: no cycle).
-    Ray is shut down at the end, or on an interrupt, if this call started it.
+    Ray is shut down at the end, or on an interrupt, if this call started it. At the end, one line
+    on stderr says how many jobs ran on which nodes. A cluster lost mid-run raises :class:`ClusterLost`.
     """
     if not jobs:  # everything resumed from a checkpoint: no need to start or reach a cluster
         return
     import ray
 
+    from digitpairs.core import numerics
+
+    device = "cuda" if gpus else "cpu"
+    expect = numerics.digest(device)
     started = _start(cpus)
     pending: list = []
+    nodes: Counter = Counter()
     try:
         refs = {k: ray.put(v) for k, v in (shared or {}).items()}
-        task = ray.remote(num_cpus=threads, num_gpus=gpus)(_call)
+        task = ray.remote(num_cpus=threads, num_gpus=gpus, max_retries=MAX_RETRIES)(_call)
         fn_ref = ray.put(fn)
         for job in jobs:
             keys = list(needs(job)) if needs and refs else []
-            pending.append(task.remote(fn_ref, threads, job, keys, *(refs[k] for k in keys)))
+            pending.append(task.remote(fn_ref, threads, expect, device, job, keys, *(refs[k] for k in keys)))
+        address = os.environ.get("RAY_ADDRESS", "")
+        failed, checked = 0, time.monotonic()
         while pending:
-            done, pending = ray.wait(pending, num_returns=1)
-            yield ray.get(done[0])
+            done, pending = ray.wait(pending, num_returns=1, timeout=WATCH_S)
+            if address and time.monotonic() - checked >= WATCH_S:
+                checked = time.monotonic()
+                failed = 0 if _head_answers(address) else failed + 1
+                if failed >= LOST_AFTER:
+                    raise ClusterLost(
+                        f"lost the Ray cluster: its head at {address} stopped answering "
+                        f"({len(pending) + len(done)} jobs unfinished)"
+                    )
+            if done:
+                node, result = ray.get(done[0])
+                nodes[node] += 1
+                yield result
+        print(
+            f"ray: {sum(nodes.values())} jobs ran on {len(nodes)} node(s): "
+            + ", ".join(f"{n} ({c})" for n, c in sorted(nodes.items())),
+            file=sys.stderr,
+        )
+    except ClusterLost:
+        raise  # nothing to cancel: the cluster is gone (ray.shutdown only disconnects)
     except BaseException:
         for ref in pending:
             ray.cancel(ref, force=True)  # queued work nobody will read

@@ -21,6 +21,7 @@ import torch
 from tqdm import tqdm
 
 from digitpairs.core import numerics
+from digitpairs.core.io import StageError
 from digitpairs.data.pairs import Draw, draw_path, load_draw
 from digitpairs.training.trials import Outcome, Trial, run_trial
 
@@ -269,6 +270,15 @@ def run_trials(
         )
     else:
         results = local_map(fn, jobs, workers, threads)
+
+    def kept() -> str:
+        """What a stopped run leaves: the trials checkpointed, and how to go on."""
+        total = len({t.key() for t in trials})
+        if ckpt:
+            n = sum(ckey(t) in ckpt.done for t in {t.key(): t for t in trials}.values())
+            return f"{desc}: {n} of {total} trials are checkpointed in {ckpt.path}; `dvc repro` resumes from there."
+        return f"{desc}: stopped before its {total} trials finished; `dvc repro` reruns it."
+
     try:
         with tqdm(total=len(todo), desc=desc, unit="trial", disable=None, file=sys.stderr, smoothing=0.1) as bar:
             for outs in results:
@@ -278,13 +288,9 @@ def run_trials(
                         ckpt.add(outcome_row(o, ckey(o.trial)))
                 bar.update(len(outs))
     except KeyboardInterrupt:
-        total = len({t.key() for t in trials})
-        if ckpt:
-            kept = sum(ckey(t) in ckpt.done for t in {t.key(): t for t in trials}.values())
-            raise KeyboardInterrupt(
-                f"{desc}: {kept} of {total} trials are checkpointed in {ckpt.path}; `dvc repro` resumes from there."
-            ) from None
-        raise KeyboardInterrupt(f"{desc}: stopped before its {total} trials finished; `dvc repro` reruns it.") from None
+        raise KeyboardInterrupt(kept()) from None
+    except StageError as err:  # the Ray cluster lost mid-run: what happened, then what was kept
+        raise type(err)(f"{err}; {kept()}") from None
     return [by_key[t.key()] for t in trials]
 
 
