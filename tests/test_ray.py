@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import secrets
 import time
+from pathlib import Path
 
 import pytest
 
@@ -13,6 +16,27 @@ ray = pytest.importorskip("ray")
 pytestmark = pytest.mark.slow
 
 GRID = {**PARAMS, "cv": {**PARAMS["cv"], "lr": [0.05, 0.1, 0.2, 0.5], "batch_norm": [True, False]}}
+HOME_TOKEN = Path.home() / ".ray" / "auth_token"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def temporary_token(tmp_path_factory):
+    """Ray 2.60 turns token authentication on for a local instance and, unless told otherwise,
+    writes the token to ~/.ray/auth_token, where a cluster started later by the user would require
+    it. Give this module's instances a temporary token instead; check that the home stays clean."""
+    had = HOME_TOKEN.exists()
+    token = tmp_path_factory.mktemp("ray") / "auth_token"
+    token.write_text(secrets.token_hex(32))
+    saved = {k: os.environ.get(k) for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH", "RAY_AUTH_TOKEN")}
+    os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token))
+    os.environ.pop("RAY_AUTH_TOKEN", None)
+    yield
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    assert had or not HOME_TOKEN.exists(), f"a Ray test wrote {HOME_TOKEN}"
 
 
 def test_ray_map_starts_and_stops_its_own_instance(pairs_dir):  # noqa: F811
@@ -55,3 +79,31 @@ def test_ray_matches_local_exactly_and_costs_little(local_ray, pairs_dir):  # no
     ms = {k: f"{t / n * 1000:.0f} ms" for k, t in [("local x2", t_local), ("ray x2", t_ray), ("in-process", t_one)]}
     print(f"{n} trials, wall time per trial: {ms}")
     assert ray.is_initialized()  # ray_map leaves an instance it did not start running
+
+
+def test_an_address_where_nothing_listens_fails_within_the_timeout():
+    import socket
+
+    from digitpairs.core.io import StageError
+    from digitpairs.training import ray_executor
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]  # bound, not listening: connections are refused
+        t = time.perf_counter()
+        with pytest.raises(StageError, match=f"RAY_ADDRESS=ray://127.0.0.1:{port}: nothing answers"):
+            ray_executor._reachable(f"ray://127.0.0.1:{port}", 2.0)
+    assert time.perf_counter() - t < 5
+    assert ray_executor._hostport("auto") is None
+    assert ray_executor._hostport("[::1]:6379") == ("::1", 6379)
+
+
+def test_the_runtime_environment_carries_the_pins_and_the_package():
+    from digitpairs.core import numerics
+    from digitpairs.training.ray_executor import runtime_env
+
+    local, cluster = runtime_env(cluster=False), runtime_env(cluster=True)
+    assert local == {"env_vars": {**numerics.ENV_PINS, numerics.UNPINNED_ENV: "0"}}
+    assert cluster["env_vars"] == local["env_vars"]
+    (pkg,) = cluster["py_modules"]
+    assert Path(pkg, "__init__.py").is_file() and Path(pkg).name == "digitpairs"
