@@ -19,6 +19,21 @@ GRID = {**PARAMS, "cv": {**PARAMS["cv"], "lr": [0.05, 0.1, 0.2, 0.5], "batch_nor
 HOME_TOKEN = Path.home() / ".ray" / "auth_token"
 
 
+def reset_auth_token_state() -> None:
+    """Ray's own test helper (ray._private.authentication_test_utils), with a fallback spelled out."""
+    try:
+        from ray._private.authentication_test_utils import reset_auth_token_state as reset
+    except ImportError:  # pragma: no cover - another Ray version
+
+        def reset() -> None:
+            from ray._raylet import AuthenticationTokenLoader, Config
+
+            Config.initialize("")
+            AuthenticationTokenLoader.instance().reset_cache()
+
+    reset()
+
+
 @pytest.fixture(scope="module", autouse=True)
 def temporary_token(tmp_path_factory):
     """Ray 2.60 turns token authentication on for a local instance and, unless told otherwise,
@@ -30,12 +45,14 @@ def temporary_token(tmp_path_factory):
     saved = {k: os.environ.get(k) for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH", "RAY_AUTH_TOKEN")}
     os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token))
     os.environ.pop("RAY_AUTH_TOKEN", None)
+    reset_auth_token_state()  # Ray read its auth settings at import: make it read them again
     yield
     for k, v in saved.items():
         if v is None:
             os.environ.pop(k, None)
         else:
             os.environ[k] = v
+    reset_auth_token_state()
     assert had or not HOME_TOKEN.exists(), f"a Ray test wrote {HOME_TOKEN}"
 
 
@@ -107,3 +124,15 @@ def test_the_runtime_environment_carries_the_pins_and_the_package():
     assert cluster["env_vars"] == local["env_vars"]
     (pkg,) = cluster["py_modules"]
     assert Path(pkg, "__init__.py").is_file() and Path(pkg).name == "digitpairs"
+
+
+def test_a_node_with_other_numeric_settings_refuses_to_compute(local_ray, pairs_dir, monkeypatch):  # noqa: F811
+    """The driver's checkpoint key names its own fingerprint: a worker whose fingerprint differs
+    (another torch, no pins) must not fill it. Here the driver pretends to another fingerprint."""
+    from digitpairs.core import numerics
+    from digitpairs.core.io import StageError
+    from digitpairs.training.runner import run_trials
+
+    monkeypatch.setattr(numerics, "digest", lambda device="cpu": "elsewhere")
+    with pytest.raises(StageError, match=r"node \w+ computes with other numeric settings than the driver"):
+        run_trials(cv_trials("pair", PARAMS)[:1], pairs_dir, executor="ray")

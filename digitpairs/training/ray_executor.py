@@ -39,6 +39,10 @@ WATCH_S = 1.0
 LOST_AFTER = 2
 
 
+class NodeRefused(RuntimeError):
+    """A task found its node's numeric settings differ from the driver's (raised on the node)."""
+
+
 class ClusterLost(StageError):
     """The Ray cluster went away mid-run (head node down, driver disconnected)."""
 
@@ -72,7 +76,7 @@ def _call(fn: Callable, threads: int, expect: str, device: str, job: list, keys:
     from digitpairs.core import numerics
 
     if numerics.digest(device) != expect:
-        raise RuntimeError(
+        raise NodeRefused(
             f"node {ray.get_runtime_context().get_node_id()} computes with other numeric settings than the "
             f"driver ({numerics.fingerprint(device)}): install the pinned requirements.txt on every node."
         )
@@ -220,7 +224,12 @@ def ray_map(
                         f"({len(pending) + len(done)} jobs unfinished)"
                     )
             if done:
-                node, result = ray.get(done[0])
+                try:
+                    node, result = ray.get(done[0])
+                except ray.exceptions.RayTaskError as err:
+                    if isinstance(err.cause, NodeRefused):  # a node without the pins or versions: one line
+                        raise StageError(str(err.cause)) from None
+                    raise
                 nodes[node] += 1
                 yield result
         print(
