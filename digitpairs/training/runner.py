@@ -275,7 +275,12 @@ def run_trials(
         """What a stopped run leaves: the trials checkpointed, and how to go on."""
         total = len({t.key() for t in trials})
         if ckpt:
-            n = sum(ckey(t) in ckpt.done for t in {t.key(): t for t in trials}.values())
+            # What the file holds, read again: an interrupt can land after a record's write and
+            # before Checkpoint.add notes it (the moment a watcher of the file reacts to).
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                done = Checkpoint(ckpt.path).done
+            n = sum(ckey(t) in done for t in {t.key(): t for t in trials}.values())
             return f"{desc}: {n} of {total} trials are checkpointed in {ckpt.path}; `dvc repro` resumes from there."
         return f"{desc}: stopped before its {total} trials finished; `dvc repro` reruns it."
 
