@@ -219,7 +219,7 @@ def findings_table(claims: dict[str, dict]) -> pd.DataFrame:
                 "panel": panel,
                 "claim": slug,
                 "label": label,
-                "effect": 100 * float(c["mean"]),
+                "effect": float("nan") if c["mean"] is None else 100 * float(c["mean"]),  # no pairs: no effect
                 "low": float("nan") if untested else 100 * float(c["ci95_low"]),
                 "high": float("nan") if untested else 100 * float(c["ci95_high"]),
                 "p_holm": float("nan") if untested else float(c["p_t_holm"]),

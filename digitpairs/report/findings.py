@@ -66,7 +66,12 @@ def test_selection(cv: pd.DataFrame, controls: pd.DataFrame, variant: str) -> di
     same = (rows[list(GRID_KEYS)].astype(str) == config.astype(str).to_numpy()).all(axis=1)
     reported = rows.loc[same, "test_accuracy"]
     result = welch(reported.to_numpy(), unseen["test_accuracy"].to_numpy())
-    return result | {"reported": float(reported.mean()), "unseen": float(unseen["test_accuracy"].mean())}
+    return result | {"reported": _mean(reported), "unseen": _mean(unseen["test_accuracy"])}
+
+
+def _mean(values: pd.Series) -> float | None:
+    """A mean for JSON: None when there is nothing to average (JSON has no NaN)."""
+    return float(values.mean()) if len(values) else None
 
 
 def claims(cv: pd.DataFrame, scores: pd.DataFrame, controls: pd.DataFrame) -> dict[str, dict]:

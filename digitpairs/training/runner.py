@@ -21,7 +21,7 @@ import torch
 from tqdm import tqdm
 
 from digitpairs.core import numerics
-from digitpairs.data.pairs import Draw, draw_path, load_draw
+from digitpairs.data.pairs import Draw, draw_path, existing_draw, load_draw
 from digitpairs.training.trials import Outcome, Trial, run_trial
 
 ENGINES = ("loop", "lockstep")
@@ -237,7 +237,7 @@ def run_trials(
         """A checkpoint entry is valid only for the same trial, data, engine, device, threads, code and
         numeric settings (pins, library versions: :func:`numerics.fingerprint`)."""
         if t.draw not in digests:
-            digests[t.draw] = sha256(draw_path(Path(pairs_dir), t.draw).read_bytes()).hexdigest()[:16]
+            digests[t.draw] = sha256(existing_draw(draw_path(Path(pairs_dir), t.draw)).read_bytes()).hexdigest()[:16]
         return f"{t.key()}-{digests[t.draw]}-{engine}-{device}-t{threads}-{code_digest()}-{numerics.digest(device)}"
 
     by_key: dict[str, Outcome] = {}
