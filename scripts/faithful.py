@@ -72,7 +72,7 @@ def export(wall_s: float | None) -> None:
         "wall_s": None if wall_s is None else round(wall_s),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {_cpu()}",
     }
-    (OUT / "provenance.json").write_text(json.dumps(provenance, indent=2, sort_keys=True) + "\n")
+    (OUT / "provenance.json").write_text(json.dumps(provenance, indent=2, sort_keys=True, allow_nan=False) + "\n")
     print(f"exported {ref} to {OUT.relative_to(REPO)}/")
 
 

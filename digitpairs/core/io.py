@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 import signal
@@ -43,6 +44,18 @@ def write_json(obj: object, path: Path) -> None:
     except ValueError as err:
         raise ValueError(f"{path}: refusing to write a NaN or an infinity (not JSON): {err}") from None
     _atomic_write(path, text + "\n")
+
+
+def finite_or_null(obj: object) -> object:
+    """``obj`` with every NaN or infinite float replaced by None, for JSON files of measurements (the GPU
+    script's tuning and provenance) where an undefined number must not stop the run: it is ``null``."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite_or_null(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [finite_or_null(v) for v in obj]
+    return obj
 
 
 def write_csv(df: pd.DataFrame, path: Path) -> None:
@@ -262,9 +275,11 @@ def run_stage(main: Callable[[dict], None]) -> None:
     130 for Ctrl-C, 143 for SIGTERM (129 for SIGHUP). Under DVC (``DVC_STAGE`` set) the outputs DVC
     deleted before the command are put back first (:func:`restore_outputs`), so ``dvc repro -s``
     loses nothing; checkpoints are kept, so ``dvc repro`` resumes. Expected failures (a bad param,
-    :class:`StageError`, ``ValueError``, ``FileNotFoundError``) print their message; any other
-    exception prints its type and first line, plus the first input that dvc.lock says is not what
-    its stage wrote (:func:`stale_input`); ``DIGITPAIRS_DEBUG=1`` prints the traceback too.
+    a :class:`StageError`, a ``ValueError`` or ``FileNotFoundError`` raised by the project's own code,
+    whose messages are written for the user) print their message; any other exception (a library's,
+    a worker's) prints the stage, its type and its first line. Where a message names no command, the
+    line adds the first input that dvc.lock says is not what its stage wrote (:func:`stale_input`),
+    with the ``dvc checkout`` that restores it. ``DIGITPAIRS_DEBUG=1`` prints the traceback too.
     """
     _handle_signals()
     try:
