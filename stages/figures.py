@@ -12,6 +12,7 @@ from pathlib import Path
 from digitpairs.core.io import run_stage
 from digitpairs.core.paths import PLOTS_DIR, VENDOR_JS
 from digitpairs.report import figures
+from stages import undefer
 
 
 def main(p: dict) -> None:
@@ -21,6 +22,7 @@ def main(p: dict) -> None:
 
 if __name__ == "__main__":
     if sys.argv[1:] == ["--vendor-js"]:
+        undefer()
         print(figures.vendor_js(VENDOR_JS))
     else:
         run_stage(main)

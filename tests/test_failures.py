@@ -170,6 +170,34 @@ def test_interrupted_stage_under_repro_single_stage_restores_its_outputs(tiny_bu
     assert not list(repo.rglob("*.partial"))
 
 
+def test_sigterm_while_the_stage_is_still_importing_restores_too(tiny_built, tmp_path):
+    """The first second of a stage is Python importing torch and pandas: a signal then is noted
+    (stages/__init__.py) and acted on as soon as run_stage starts, not a traceback from an import."""
+    repo = copy(tiny_built, tmp_path)
+    before = snapshot(repo)
+    proc = subprocess.Popen(
+        [str(Path(sys.executable).parent / "dvc"), "repro", "-f", "-s", "evaluate"],
+        cwd=repo,
+        env=env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    pid, deadline = None, time.monotonic() + 60
+    while pid is None and proc.poll() is None and time.monotonic() < deadline:
+        pid = stage_process(proc.pid, "stages.evaluate")
+        time.sleep(0.02)
+    assert pid, "the stage never started"
+    os.kill(pid, signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode != 0 and "Traceback" not in out, out
+    lines = [line for line in out.splitlines() if line.startswith("interrupted")]
+    assert len(lines) == 1 and lines[0].startswith("interrupted (SIGTERM): evaluate: "), out
+    assert "exited with 143" in out, out
+    assert snapshot(repo) == before
+    assert sh(repo, "git", "status", "--porcelain").stdout == ""  # metrics.json (git-tracked) back too
+
+
 def test_missing_pair_draws_name_the_fix(tiny_built, tmp_path):
     """Run by hand, outside DVC: the checkpoint key used to read the draw before load_draw could say
     what to do; now the first read says it."""

@@ -225,10 +225,17 @@ def _on_signal(signum: int, frame) -> None:
 def _handle_signals() -> None:
     """SIGTERM and SIGHUP (a job killed politely, a closed terminal) take Ctrl-C's path: the stage stops
     with one line, keeps its checkpoints, and restores its outputs; the exit status is 128 + signal.
-    A signal the parent set to be ignored (a background job's SIGINT) stays ignored."""
+    A signal the parent set to be ignored (a background job's SIGINT) stays ignored. A signal that
+    arrived while the stage was importing (``stages/__init__.py`` notes it) stops the stage now."""
+    pending: list[int] = []
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        if signal.getsignal(sig) in (signal.SIG_DFL, signal.default_int_handler):
+        handler = signal.getsignal(sig)
+        if handler in (signal.SIG_DFL, signal.default_int_handler) or hasattr(handler, "pending"):
+            pending += getattr(handler, "pending", [])
             signal.signal(sig, _on_signal)
+    if pending:
+        _caught.append(pending[0])
+        raise KeyboardInterrupt
 
 
 def _stage_name() -> str:
@@ -281,8 +288,8 @@ def run_stage(main: Callable[[dict], None]) -> None:
     line adds the first input that dvc.lock says is not what its stage wrote (:func:`stale_input`),
     with the ``dvc checkout`` that restores it. ``DIGITPAIRS_DEBUG=1`` prints the traceback too.
     """
-    _handle_signals()
     try:
+        _handle_signals()
         try:
             p = params_module.load()
         except params_module.ParamError as err:
@@ -293,7 +300,7 @@ def run_stage(main: Callable[[dict], None]) -> None:
         what = {signal.SIGINT: "", signal.SIGTERM: " (SIGTERM)", signal.SIGHUP: " (SIGHUP)"}.get(signum, "")
         name = _stage_name() or Path(sys.argv[0]).stem
         default = f"{name}: stopped before finishing; `dvc repro` reruns it."
-        _fail(f"interrupted{what}: {err or default}", 128 + signum, explain=False)
+        _fail(f"interrupted{what}: {str(err) or default}", 128 + signum, explain=False)
     except (ValueError, FileNotFoundError, StageError) as err:
         if isinstance(err, StageError) or _raised_here(err):
             _debug()
