@@ -124,6 +124,13 @@ def stage_process(parent: int, name: str) -> int | None:
     return None
 
 
+def catches(pid: int, sig: int) -> bool:
+    """Whether process ``pid`` has a handler for ``sig`` (the SigCgt mask of /proc/<pid>/status)."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    mask = int(re.search(r"^SigCgt:\s*([0-9a-f]+)", status, re.M).group(1), 16)
+    return bool(mask >> (sig - 1) & 1)
+
+
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_interrupted_stage_under_repro_single_stage_restores_its_outputs(tiny_built, tmp_path, sig):
     """Ctrl-C reaches the whole foreground process group (DVC ignores it while its command runs);
@@ -188,6 +195,8 @@ def test_sigterm_while_the_stage_is_still_importing_restores_too(tiny_built, tmp
         pid = stage_process(proc.pid, "stages.evaluate")
         time.sleep(0.02)
     assert pid, "the stage never started"
+    while not catches(pid, signal.SIGTERM) and time.monotonic() < deadline:  # stages/__init__.py ran
+        time.sleep(0.005)
     os.kill(pid, signal.SIGTERM)
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode != 0 and "Traceback" not in out, out
