@@ -178,4 +178,8 @@ def verify(repo: Path, clone: Path, tmp: Path, targets: list[str], env: dict, dv
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        print("interrupted: nothing verified.", file=sys.stderr)
+        sys.exit(130)
