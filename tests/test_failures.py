@@ -255,6 +255,11 @@ def verify(repo: Path, tmpdir: Path, *args: str) -> subprocess.CompletedProcess:
     return sh(repo, sys.executable, str(repo / "scripts/verify.py"), *args, check=False, TMPDIR=str(tmpdir))
 
 
+def clones(tmpdir: Path) -> list[Path]:
+    """verify's temporary folders (other programs, torch's compiler cache, may write there too)."""
+    return list(tmpdir.glob("digitpairs-verify-*"))
+
+
 def test_verify_quick_reports_what_it_did_not_recompute_and_a_tampered_uncommitted_lock(tiny_built, tmp_path):
     repo = copy(tiny_built, tmp_path)
     lock_path = repo / "dvc.lock"
@@ -272,7 +277,7 @@ def test_verify_quick_reports_what_it_did_not_recompute_and_a_tampered_uncommitt
     assert not re.search(r"^all \d+ outputs match", out, re.M), out
     assert re.search(r"^3 of \d+ outputs recomputed: 3 match, 0 differ, \d+ not recomputed", out, re.M), out
     assert "not verified: the working tree's dvc.lock differs from the commit for 1 output(s) (data/pairs)" in out
-    assert list(tmpdir.iterdir()) == [], "the temporary clone was left behind"
+    assert not clones(tmpdir), "the temporary clone was left behind"
 
 
 def test_verify_removes_its_clone_on_failure_unless_kept(tiny_built, tmp_path):
@@ -280,7 +285,7 @@ def test_verify_removes_its_clone_on_failure_unless_kept(tiny_built, tmp_path):
     cp = verify(tiny_built, tmpdir, "no-such-stage")
     assert cp.returncode == 1, cp.stdout + cp.stderr
     assert "removed; --keep keeps it" in cp.stderr, cp.stderr
-    assert list(tmpdir.iterdir()) == []
+    assert not clones(tmpdir)
     cp = verify(tiny_built, tmpdir, "--keep", "no-such-stage")
     assert cp.returncode == 1, cp.stdout + cp.stderr
     kept = re.search(r"clone kept in (\S+)", cp.stderr)
