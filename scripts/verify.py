@@ -43,7 +43,8 @@ def sh(*cmd: str, cwd: Path, env: dict | None = None, capture: bool = True) -> s
     if cp.returncode != 0:
         if capture:
             sys.stderr.write(cp.stdout + cp.stderr)
-        sys.exit(f"error: `{' '.join(cmd)}` failed in {cwd} (exit {cp.returncode}).")
+        print(f"error: `{' '.join(cmd)}` failed in {cwd} (exit {cp.returncode}).", file=sys.stderr)
+        sys.exit(1)
     return cp.stdout if capture else ""
 
 

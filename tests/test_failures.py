@@ -76,11 +76,11 @@ def garbage(path: Path) -> None:
 
 # stage, the input broken, how, what the one line must name (file) and suggest (command)
 BROKEN = [
-    ("pairs", "data/mnist/MNIST/raw/train-images-idx3-ubyte", truncate, "dvc checkout data/mnist"),
-    ("cv@pair", "data/pairs/draw_00.safetensors", truncate, "dvc checkout data/pairs"),
-    ("evaluate", "models_out/models/pair/draw_00.safetensors", garbage, "dvc checkout models_out/models"),
-    ("findings", "data/controls.csv", truncate, "dvc checkout data/controls.csv"),
-    ("figures", "data/grad_norms.csv", truncate, "dvc checkout data/grad_norms.csv"),
+    ("pairs", "data/mnist/MNIST/raw/train-images-idx3-ubyte", truncate, "dvc checkout --force data/mnist"),
+    ("cv@pair", "data/pairs/draw_00.safetensors", truncate, "dvc checkout --force data/pairs"),
+    ("evaluate", "models_out/models/pair/draw_00.safetensors", garbage, "dvc checkout --force models_out/models"),
+    ("findings", "data/controls.csv", truncate, "dvc checkout --force data/controls.csv"),
+    ("figures", "data/grad_norms.csv", truncate, "dvc checkout --force data/grad_norms.csv"),
 ]
 
 

@@ -205,7 +205,8 @@ def stale_input(stage: str) -> str:
             continue
         state = "is missing" if not bad.exists() else "is not as dvc.lock records it"
         cached = md5.endswith(".dir") or Path(cache.oid_to_path(md5)).is_file()
-        fix = f"dvc checkout {dep['path']}" if cached else f"git checkout -- {dep['path']}"
+        force = "--force " if bad.exists() else ""  # dvc checkout will not replace a changed file without it
+        fix = f"dvc checkout {force}{dep['path']}" if cached else f"git checkout -- {dep['path']}"
         return (
             f"; input {bad.as_posix()} {state} (written by stage {producer}): "
             f"`{fix}` restores it, `dvc repro {producer}` recomputes it"

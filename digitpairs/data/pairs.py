@@ -113,7 +113,7 @@ def load_draw(path: Path) -> Draw:
         return load_file(str(path))
     except SafetensorError as err:
         raise StageError(
-            f"pair draw {path} is corrupt or truncated ({err}); `dvc checkout {path.parent}` restores it, "
+            f"pair draw {path} is corrupt or truncated ({err}); `dvc checkout --force {path.parent}` restores it, "
             "`dvc repro pairs` recomputes it."
         ) from None
 

@@ -146,11 +146,11 @@ def load_model(stem: Path) -> tuple[nn.Module, ModelConfig]:
     """Rebuild a model saved by :func:`save_model`."""
     stem = Path(stem)
     folder = stem.parent.parent  # models_out/models: <variant>/draw_XX.*
-    fix = f"`dvc checkout {folder}` restores it, `dvc repro train` retrains it."
+    fix = f"`dvc checkout --force {folder}` restores it, `dvc repro train` retrains it."  # --force: over a changed file
     config, weights = stem.with_suffix(".json"), stem.with_suffix(".safetensors")
     for path in (config, weights):
         if not path.is_file():
-            raise FileNotFoundError(f"model file {path} does not exist; {fix}")
+            raise FileNotFoundError(f"model file {path} does not exist; {fix.replace(' --force', '')}")
     try:
         cfg = ModelConfig(**json.loads(config.read_text()))
     except (ValueError, TypeError) as err:  # not JSON, or not a model's config
