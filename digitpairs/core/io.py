@@ -22,11 +22,14 @@ class StageError(RuntimeError):
     runs, imports nothing from the data, training or report code."""
 
 
-def _atomic_write(path: Path, text: str) -> None:
+def _atomic_write(path: Path, text: str | bytes) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".partial")
-    tmp.write_text(text)
+    if isinstance(text, bytes):
+        tmp.write_bytes(text)
+    else:
+        tmp.write_text(text)
     tmp.replace(path)
 
 
@@ -60,8 +63,8 @@ def restore_outputs(stage: str) -> list[str]:
     DVC removes a stage's outputs before it starts the command, and offers no hook before that;
     so when the command then refuses to run (a bad value in params.yaml, under ``dvc repro -s``),
     it restores every missing output from the DVC cache (or, for an uncached output such as the
-    git-tracked metrics, from ``git HEAD``) exactly as dvc.lock records it, hash-checked. Outputs
-    that exist are left alone. Returns the paths it could not restore.
+    git-tracked metrics and the README's figure, from ``git HEAD``) exactly as dvc.lock records it,
+    hash-checked. Outputs that exist are left alone. Returns the paths it could not restore.
     """
     lock_path = Path("dvc.lock")
     if not lock_path.is_file():
@@ -93,7 +96,7 @@ def restore_outputs(stage: str) -> list[str]:
                 blob = subprocess.run(["git", "show", f"HEAD:{out['path']}"], capture_output=True, check=False)
                 if blob.returncode or hashlib.md5(blob.stdout).hexdigest() != md5:
                     raise FileNotFoundError(out["path"])
-                _atomic_write(path, blob.stdout.decode())
+                _atomic_write(path, blob.stdout)  # bytes: the README's PNG is one
         except (FileNotFoundError, json.JSONDecodeError, KeyError):
             lost.append(out["path"])
     return lost
