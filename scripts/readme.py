@@ -215,7 +215,7 @@ def repro_time_block() -> str:
     """The quick start's one number: how long the pipeline takes."""
     c = timings()["cold_repro"]
     return (
-        f"The pipeline takes about {c['wall_s'] / 60:.0f} minutes on a 2-core machine: `{c['command']}` of the "
+        f"The pipeline takes about {c['wall_s'] / 60:.0f} minutes: `{c['command']}` of the "
         f"default params took {c['wall_s']} s {measured_on(c)}; installing adds the download of the pinned packages."
     )
 
