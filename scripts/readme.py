@@ -263,8 +263,8 @@ def pins_cost_block() -> str:
         f"benchmark (`benchmarks/lockstep.py --quick`) ran at {bench['pinned']:.2f} trainings/s against "
         f"{bench['unpinned']:.2f} ({change(bench)}; {one['pinned']:.2f} against {one['unpinned']:.2f}, {change(one)}, "
         f"with one thread per process as the pipeline runs); the loop engine's speed changed by "
-        f"{100 * c['loop_engine_change']:+.0f}% (pinned, its convolutions do not use oneDNN); a cold `dvc repro` of the "
-        f"defaults took {repro['pinned']} min pinned and {repro['unpinned']} min unpinned, and unpinned, "
+        f"{100 * c['loop_engine_change']:+.0f}% (pinned, its convolutions do not use oneDNN); a cold `dvc repro` of "
+        f"the defaults took {repro['pinned']} min pinned and {repro['unpinned']} min unpinned, and unpinned, "
         f"{c['outputs_differing_unpinned']} of its {c['outputs']} outputs differed from the pinned ones on that "
         "machine. (That commit's engine and stages; the pins are the same today.)"
     )
