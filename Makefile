@@ -36,7 +36,7 @@ repro: install
 	$(PY) -m stages.figures --vendor-js
 
 # The study the original's way (ReLU on the logits, no shuffling, selection on the test pairs) as a
-# DVC experiment in a temporary copy; its results go to results/faithful/ for the README's table.
+# DVC experiment in a temporary copy; its results go to results/faithful/ for the table of docs/faithful.md.
 faithful: install
 	$(PY) scripts/faithful.py
 

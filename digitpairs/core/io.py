@@ -26,11 +26,15 @@ class StageError(RuntimeError):
     runs, imports nothing from the data, training or report code."""
 
 
-def _atomic_write(path: Path, text: str) -> None:
+def _atomic_write(path: Path, data: str | bytes) -> None:
+    """Write under a temporary name, then rename: a reader never sees half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".partial")
-    tmp.write_text(text)
+    if isinstance(data, bytes):
+        tmp.write_bytes(data)
+    else:
+        tmp.write_text(data)
     tmp.replace(path)
 
 
@@ -139,14 +143,7 @@ def _restore_one(path: Path, md5: str, cache) -> None:
         blob = subprocess.run(["git", "show", f"HEAD:{path.as_posix()}"], capture_output=True, check=False)
         if blob.returncode or hashlib.md5(blob.stdout).hexdigest() != md5:
             raise FileNotFoundError(path)
-        _atomic_write_bytes(path, blob.stdout)
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".partial")
-    tmp.write_bytes(data)
-    tmp.replace(path)
+        _atomic_write(path, blob.stdout)  # bytes: the README's PNG is one
 
 
 def restore_outputs(stage: str) -> tuple[list[str], list[str]]:
