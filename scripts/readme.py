@@ -208,7 +208,7 @@ def timings() -> dict:
 
 
 def measured_on(m: dict) -> str:
-    return f"on commit `{m['commit']}` ({m['machine']})"
+    return f"on commit `{m['commit']}` ({m['machine']}; MKL pin `MKL_CBWR={m['mkl_cbwr']}`)"
 
 
 def repro_time_block() -> str:
@@ -266,7 +266,7 @@ def pins_cost_block() -> str:
         f"{100 * c['loop_engine_change']:+.0f}% (pinned, its convolutions do not use oneDNN); a cold `dvc repro` of "
         f"the defaults took {repro['pinned']} min pinned and {repro['unpinned']} min unpinned, and unpinned, "
         f"{c['outputs_differing_unpinned']} of its {c['outputs']} outputs differed from the pinned ones on that "
-        "machine. (That commit's engine and stages; the pins are the same today.)"
+        "machine. (That commit's engine, stages and pins.)"
     )
 
 
