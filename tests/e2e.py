@@ -16,7 +16,7 @@ SKIP = {".venv", ".git", "data", "models_out", "plots", "dvc_plots", "test-artif
 
 TINY = {
     "data": {"n_draws": 2},
-    "train": {"epochs": 2},
+    "train": {"epochs": 1},
     "cv": {
         "n_draws": 1,
         "nbch1": [8],
