@@ -68,49 +68,15 @@ def draw0(mnist_splits):
     return tensors
 
 
-class _Build(threading.Thread):
-    """The tiny pipeline's build (subprocesses: git, dvc and the stages), in a thread of its own."""
-
-    def __init__(self, repo: Path):
-        super().__init__(name="tiny_built", daemon=True)
-        self.repo, self.error = repo, None
-        self.start()
-
-    def run(self) -> None:
-        from tests.e2e import build_tiny
-
-        try:
-            build_tiny(self.repo)
-        except BaseException as e:  # raised again by result(), in every test that needs the pipeline
-            self.error = e
-
-    def result(self) -> Path:
-        self.join()
-        if self.error is not None:
-            raise self.error
-        return self.repo
-
-
-@pytest.fixture(scope="session", autouse=True)
-def _tiny_build(request, tmp_path_factory):
-    """In a run that collected a test needing ``tiny_built``, its build starts with the first test and
-    runs beside the tests that come before (subprocesses, mostly waiting on one core while those use the
-    other). The stages' environment does not depend on them: e2e.env() sets MNIST_MIRROR, the one
-    variable a test changes (test_mnist, by monkeypatch)."""
-    if any("tiny_built" in getattr(item, "fixturenames", ()) for item in request.session.items):
-        request.getfixturevalue("shared_mnist")
-        return _Build(tmp_path_factory.mktemp("tiny") / "repo")
-    return None
-
-
 @pytest.fixture(scope="session")
-def tiny_built(_tiny_build, tmp_path_factory, shared_mnist) -> Path:
+def tiny_built(tmp_path_factory, shared_mnist) -> Path:
     """The committed tiny pipeline: clone() with TINY params, `dvc repro` (run natively, as a fresh shell
     would), `git add -A && git commit`. Built once per test run and shared: tests must not change it
     (take ``tiny_repo`` for that). ``e2e.build_log(repo)`` is its build's `dvc repro` output,
     ``e2e.build_status(repo)`` the git status the build left before the commit."""
-    build = _tiny_build or _Build(tmp_path_factory.mktemp("tiny") / "repo")
-    return build.result()
+    from tests.e2e import build_tiny
+
+    return build_tiny(tmp_path_factory.mktemp("tiny") / "repo")
 
 
 @pytest.fixture
