@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import shutil
@@ -89,6 +90,19 @@ def clone(dest: Path, overrides: dict | None = TINY) -> Path:
     sh(dest, "git", "add", "-A")
     sh(dest, "git", "commit", "-qm", "project")
     return dest
+
+
+# folders holding the pipeline's outputs (docs/figures: the README's figure, a git-tracked output)
+OUTPUT_DIRS = ("data", "models_out", "plots", "docs/figures")
+
+
+def snapshot(repo: Path, skip: str = "") -> dict[str, str]:
+    """md5 of every output file (checkpoints aside: they are not outputs) and dvc.lock; ``skip``: a path
+    (file or folder) left out, the input a test broke on purpose."""
+    files = [p for d in OUTPUT_DIRS for p in (repo / d).rglob("*") if p.is_file() and "checkpoints" not in p.parts]
+    files.append(repo / "dvc.lock")
+    rel = {str(p.relative_to(repo)): p for p in sorted(files)}
+    return {k: hashlib.md5(p.read_bytes()).hexdigest() for k, p in rel.items() if not (skip and k.startswith(skip))}
 
 
 def ran(log: str) -> set[str]:

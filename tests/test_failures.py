@@ -15,7 +15,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -29,40 +28,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.e2e import clone, dvc, env, set_params, sh
+from tests.e2e import OUTPUT_DIRS, copy_repo, dvc, env, ran, set_params, sh, snapshot
 
 pytestmark = pytest.mark.slow
 
-OUTPUT_DIRS = ("data", "models_out", "plots")
-
-
-@pytest.fixture(scope="module")
-def tiny_built(tmp_path_factory) -> Path:
-    """A clone with every stage run once on tiny params and the result committed (read-only: copy it)."""
-    repo = clone(tmp_path_factory.mktemp("failures") / "repo")
-    dvc(repo, "repro")
-    sh(repo, "git", "add", "-A")
-    sh(repo, "git", "commit", "-qm", "tiny run")
-    return repo
-
 
 def copy(repo: Path, tmp_path: Path) -> Path:
-    dest = tmp_path / "repo"
-    shutil.copytree(repo, dest, symlinks=True)
-    return dest
-
-
-def snapshot(repo: Path, skip: str = "") -> dict[str, str]:
-    """md5 of every output file (checkpoints aside: they are not outputs) and dvc.lock; ``skip``: a path
-    (file or folder) left out, the input a test broke on purpose."""
-    files = [p for d in OUTPUT_DIRS for p in (repo / d).rglob("*") if p.is_file() and "checkpoints" not in p.parts]
-    files.append(repo / "dvc.lock")
-    rel = {str(p.relative_to(repo)): p for p in sorted(files)}
-    return {k: hashlib.md5(p.read_bytes()).hexdigest() for k, p in rel.items() if not (skip and k.startswith(skip))}
-
-
-def ran(log: str) -> set[str]:
-    return set(re.findall(r"Running stage '([^']+)'", log))
+    return copy_repo(repo, tmp_path / "repo")
 
 
 def truncate(path: Path) -> None:

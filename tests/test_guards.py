@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 import sys
 from pathlib import Path
@@ -20,19 +19,10 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import SHARED_MNIST
-from tests.e2e import TINY, copy_repo, dvc, edited_text, ran, sh
+from tests.e2e import TINY, copy_repo, dvc, edited_text, ran, sh, snapshot
 from tests.test_params import BAD
 
 pytestmark = pytest.mark.slow
-
-OUTPUT_DIRS = ("data", "models_out", "plots")
-
-
-def snapshot(repo: Path) -> dict[str, str]:
-    """md5 of every output file (checkpoints aside: they are not outputs), plus dvc.lock."""
-    files = [p for d in OUTPUT_DIRS for p in (repo / d).rglob("*") if p.is_file() and "checkpoints" not in p.parts]
-    files.append(repo / "dvc.lock")
-    return {str(p.relative_to(repo)): hashlib.md5(p.read_bytes()).hexdigest() for p in sorted(files)}
 
 
 @pytest.fixture(scope="module")
