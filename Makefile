@@ -5,7 +5,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: install browser qemu repro faithful verify verify-quick plots test lint
+.PHONY: install browser qemu testdeps repro faithful verify verify-quick plots test lint
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt pyproject.toml
 	python3 -m venv $(VENV)
@@ -16,13 +16,20 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt pyproject.toml
 
 install: $(VENV)/.installed
 
-# Debian's Chromium, for the headless-browser test of `dvc plots show` (needs root/apt).
+# Debian packages the tests need (root/apt), with one `apt-get update` for whichever are missing:
+# Chromium, for the headless-browser test of `dvc plots show`, and qemu-user, for tests/test_cpus.py
+# (the same trials on emulated Intel Haswell and AMD EPYC CPUs).
+APT = apt-get update -qq && apt-get install -y -qq $(1) >/dev/null
 browser:
-	@command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null)
+	@command -v chromium >/dev/null || ($(call APT,chromium))
 
-# Debian's qemu-user, for tests/test_cpus.py: the same trials on emulated Intel Haswell and AMD EPYC CPUs.
 qemu:
-	@command -v qemu-x86_64 >/dev/null || (apt-get update -qq && apt-get install -y -qq qemu-user >/dev/null)
+	@command -v qemu-x86_64 >/dev/null || ($(call APT,qemu-user))
+
+testdeps:
+	@pkgs=""; command -v chromium >/dev/null || pkgs="$$pkgs chromium"; \
+	command -v qemu-x86_64 >/dev/null || pkgs="$$pkgs qemu-user"; \
+	[ -z "$$pkgs" ] || ($(call APT,$$pkgs))
 
 # Recompute the committed pipeline in a temporary clone (own cache, no run-cache) and compare with dvc.lock.
 verify: install
@@ -36,7 +43,7 @@ repro: install
 	$(PY) -m stages.figures --vendor-js
 
 # The study the original's way (ReLU on the logits, no shuffling, selection on the test pairs) as a
-# DVC experiment in a temporary copy; its results go to results/faithful/ for the README's table.
+# DVC experiment in a temporary copy; its results go to results/faithful/ for the table of docs/faithful.md.
 faithful: install
 	$(PY) scripts/faithful.py
 
@@ -49,5 +56,5 @@ lint: install
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 
-test: install browser qemu lint
+test: install testdeps lint
 	$(PY) -m pytest -q -rs

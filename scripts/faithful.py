@@ -10,7 +10,7 @@ It runs as ``dvc exp run --temp`` in a temporary copy, so the workspace and its 
 stay as they are; `dvc exp show` lists it afterwards.
 The export copies the experiment's ``metrics.json`` and ``findings.json`` (git-tracked, so part of
 the experiment's commit) to ``results/faithful/`` with a ``provenance.json``, from which
-``scripts/readme.py`` writes the README's comparison table.
+``scripts/readme.py`` writes the comparison table of docs/faithful.md.
 """
 
 from __future__ import annotations
@@ -72,7 +72,7 @@ def export(wall_s: float | None) -> None:
         "wall_s": None if wall_s is None else round(wall_s),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {_cpu()}",
     }
-    (OUT / "provenance.json").write_text(json.dumps(provenance, indent=2, sort_keys=True) + "\n")
+    (OUT / "provenance.json").write_text(json.dumps(provenance, indent=2, sort_keys=True, allow_nan=False) + "\n")
     print(f"exported {ref} to {OUT.relative_to(REPO)}/")
 
 

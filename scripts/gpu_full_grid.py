@@ -44,7 +44,7 @@ import torch  # noqa: E402
 import digitpairs  # noqa: E402,F401  (numeric pins before torch computes)
 from benchmarks.lockstep import trial_flops  # noqa: E402
 from digitpairs.core import numerics, params  # noqa: E402
-from digitpairs.core.io import write_csv, write_json  # noqa: E402
+from digitpairs.core.io import finite_or_null, write_csv, write_json  # noqa: E402
 
 # the study's three variants, those of the grid (siamese-plus has its own stage, `recipe`)
 from digitpairs.core.variants import STUDY_VARIANTS as VARIANTS  # noqa: E402
@@ -350,8 +350,8 @@ def run(args: argparse.Namespace) -> None:
                 f"CI [{m['ci95_low']:.4f}, {m['ci95_high']:.4f}] config {m['config']}"
             )
     prov["total_wall_s"] = round(time.perf_counter() - T0, 1)
-    write_json(prov, tables / "provenance.json")
-    write_json(tuning, tables / "tuning.json")
+    write_json(finite_or_null(prov), tables / "provenance.json")
+    write_json(finite_or_null(tuning), tables / "tuning.json")
     shutil.copy(OUT / "log.txt", tables / "log.txt")
     pack(tables, OUT / "results.tar.gz", "results")
     stop.set()
@@ -594,7 +594,7 @@ def publish(args: argparse.Namespace) -> None:
     logs = [f"## run {i}\n" + (run / "log.txt").read_text() for i, run in enumerate(runs, 1)]
     (dest / "log.txt").write_text("\n".join(logs))
     shutil.copy(runs[0] / "profile.txt", dest / "profile.txt")
-    write_json(tuning, dest / "tuning.json")
+    write_json(finite_or_null(tuning), dest / "tuning.json")
     grid_s = sum(r["wall_s"].get("grid", 0) + r["wall_s"].get("process_tuning", 0) for r in run_walls)
     finished = summary["pair"]["finished"] + summary["siamese"]["finished"]
     provenance = {
@@ -628,9 +628,9 @@ def publish(args: argparse.Namespace) -> None:
     }
     provenance["params"]["train"]["device"] = "cuda"
     default = pd.concat([pd.read_csv(Path(args.default_cv) / f"{a}.csv") for a in ("pair", "siamese")])
-    write_json(comparison(default, cv), dest / "comparison.json")
+    write_json(finite_or_null(comparison(default, cv)), dest / "comparison.json")
     provenance["selected"] = {a: summary[a]["selected_over_complete_combinations"] for a in ("pair", "siamese")}
-    write_json(provenance, dest / "provenance.json")
+    write_json(finite_or_null(provenance), dest / "provenance.json")
     print(json.dumps(provenance["grid"], indent=1)[:3000])
 
 

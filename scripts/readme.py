@@ -1,11 +1,13 @@
-"""Write the README's tables of numbers from the committed result files, so no number is typed by hand.
+"""Write the numbers of README.md and docs/*.md from the committed result files, so none is typed by hand.
 
     python scripts/readme.py            # rewrite the blocks between <!-- NAME:begin --> and <!-- NAME:end -->
-    python scripts/readme.py --check    # exit 1 if README.md differs from what the files say (tests do this)
+    python scripts/readme.py --check    # exit 1 if a page differs from what the files say (tests do this)
 
-Blocks: ``results`` (models_out/metrics.json), ``findings`` and ``ablation`` (models_out/findings.json),
-``faithful`` (results/faithful/, written by ``scripts/faithful.py``) and ``full-grid``
-(results/full-grid/provenance.json and comparison.json, written by ``scripts/gpu_full_grid.py publish``).
+Blocks (each in exactly one page): ``results`` (models_out/metrics.json); ``findings`` and ``ablation``
+(models_out/findings.json); ``faithful`` (results/faithful/, written by ``scripts/faithful.py``); ``full-grid``
+(results/full-grid/, written by ``scripts/gpu_full_grid.py publish``); ``repro-time``, ``cold-repro``,
+``benchmark`` and ``pins-cost`` (results/timings.json: what was measured, with which command, on which commit
+and machine).
 """
 
 from __future__ import annotations
@@ -22,10 +24,17 @@ from digitpairs.core.variants import ALL_ADDITIONS, NO_ADDITIONS, PLUS, VARIANTS
 from digitpairs.report.findings import CLAIMS  # noqa: E402
 
 README = REPO / "README.md"
+DOCS = REPO / "docs"
 METRICS = REPO / "models_out/metrics.json"
 FINDINGS = REPO / "models_out/findings.json"
 FAITHFUL = REPO / "results/faithful"
 FULL_GRID = REPO / "results/full-grid"
+TIMINGS = REPO / "results/timings.json"
+
+
+def pages() -> list[Path]:
+    """README.md and every page of docs/, the files that hold blocks."""
+    return [README, *sorted(DOCS.glob("*.md"))]
 
 
 def pct(x: float) -> str:
@@ -124,7 +133,7 @@ def faithful_block() -> str:
     rows += [
         "",
         f"Faithful mode: {overrides}; `{prov['command']}` on commit `{prov['baseline_commit'][:7]}` "
-        f"({prov['machine']}).",
+        f"({prov['machine']}) took {prov['wall_s']:.0f} s.",
     ]
     return "\n".join(rows)
 
@@ -194,33 +203,119 @@ def full_grid_block() -> str:
     return "\n".join(lines)
 
 
+def timings() -> dict:
+    return json.loads(TIMINGS.read_text())
+
+
+def measured_on(m: dict) -> str:
+    return f"on commit `{m['commit']}` ({m['machine']}; MKL pin `MKL_CBWR={m['mkl_cbwr']}`)"
+
+
+def repro_time_block() -> str:
+    """The quick start's one number: how long the pipeline takes."""
+    c = timings()["cold_repro"]
+    return (
+        f"The pipeline takes about {c['wall_s'] / 60:.0f} minutes: `{c['command']}` of the "
+        f"default params took {c['wall_s']} s {measured_on(c)}; installing adds the download of the pinned packages."
+    )
+
+
+def cold_repro_block() -> str:
+    c = timings()["cold_repro"]
+    s = c["stages_s"]
+    return (
+        f"`{c['command']}` of the default params took {c['wall_s']} s ({c['wall_s'] / 60:.1f} min) {measured_on(c)}: "
+        f"{s['study']} s for the study's stages (siamese-plus's final training included) and "
+        f"{s['recipe'] + s['controls'] + s['findings']} s for the stages that build siamese-plus and test the claims "
+        f"(`recipe` {s['recipe']} s, `controls` {s['controls']} s, `findings` {s['findings']} s)."
+    )
+
+
+def benchmark_block() -> str:
+    b = timings()["benchmark"]
+    return "\n".join(
+        [
+            f"| `{b['command']}`, {measured_on(b)} | |",
+            "| --- | --- |",
+            f"| lockstep, trainings/s (small widths, largest widths) | {b['lockstep_trainings_per_s']:.2f} "
+            f"({b['lockstep_trainings_per_s_small_widths']:.1f}, {b['lockstep_trainings_per_s_largest_widths']:.2f}) |",
+            f"| per-model loop, best mode, trainings/s | {b['loop_trainings_per_s']:.2f} |",
+            f"| `speedup` | {b['speedup']:.2f}x |",
+            f"| lockstep, fraction of the measured matmul peak: overall, largest widths | "
+            f"{100 * b['matmul_fraction_overall']:.0f}%, {100 * b['matmul_fraction_largest_widths']:.0f}% |",
+            f"| `--profile`d job ({b['profiled_job']}) | {b['profiled_job_s']:.2f} s |",
+            "",
+            f"Measured with {b['note']}.",
+        ]
+    )
+
+
+def pins_cost_block() -> str:
+    c = timings()["pins_cost"]
+    bench, one = c["benchmark_trainings_per_s"], c["benchmark_one_thread_trainings_per_s"]
+    repro = c["cold_repro_min"]
+
+    def change(d: dict) -> str:
+        return f"{100 * (d['pinned'] / d['unpinned'] - 1):+.1f}%"
+
+    return (
+        f"The cost of the pins, {measured_on(c)}, pinned against `DIGITPAIRS_UNPINNED=1` back to back: the lockstep "
+        f"benchmark (`benchmarks/lockstep.py --quick`) ran at {bench['pinned']:.2f} trainings/s against "
+        f"{bench['unpinned']:.2f} ({change(bench)}; {one['pinned']:.2f} against {one['unpinned']:.2f}, {change(one)}, "
+        f"with one thread per process as the pipeline runs); the loop engine's speed changed by "
+        f"{100 * c['loop_engine_change']:+.0f}% (pinned, its convolutions do not use oneDNN); a cold `dvc repro` of "
+        f"the defaults took {repro['pinned']} min pinned and {repro['unpinned']} min unpinned, and unpinned, "
+        f"{c['outputs_differing_unpinned']} of its {c['outputs']} outputs differed from the pinned ones on that "
+        "machine. (That commit's engine, stages and pins.)"
+    )
+
+
 BLOCKS = {
     "results": results_block,
     "findings": findings_block,
     "ablation": ablation_block,
     "faithful": faithful_block,
     "full-grid": full_grid_block,
+    "repro-time": repro_time_block,
+    "cold-repro": cold_repro_block,
+    "benchmark": benchmark_block,
+    "pins-cost": pins_cost_block,
 }
 
 
+def block_pattern(name: str) -> re.Pattern:
+    return re.compile(rf"(<!-- {name}:begin -->\n).*?(<!-- {name}:end -->)", re.S)
+
+
 def render(text: str) -> str:
+    """``text`` with every block it holds rewritten from the result files."""
     for name, block in BLOCKS.items():
-        pattern = re.compile(rf"(<!-- {name}:begin -->\n).*?(\n<!-- {name}:end -->)", re.S)
-        if not pattern.search(text):
-            raise SystemExit(f"README.md has no <!-- {name}:begin --> ... <!-- {name}:end --> block.")
-        text = pattern.sub(lambda m, b=block: m.group(1) + b() + m.group(2), text)
+        pattern = block_pattern(name)
+        if pattern.search(text):
+            text = pattern.sub(lambda m, b=block: m.group(1) + b() + "\n" + m.group(2), text)
     return text
 
 
+def placement(texts: dict[Path, str]) -> dict[str, list[Path]]:
+    """The pages holding each block (each block belongs in exactly one)."""
+    return {name: [p for p, t in texts.items() if block_pattern(name).search(t)] for name in BLOCKS}
+
+
 def main() -> int:
-    text = README.read_text()
-    new = render(text)
+    texts = {p: p.read_text() for p in pages()}
+    misplaced = {name: found for name, found in placement(texts).items() if len(found) != 1}
+    if misplaced:
+        for name, found in misplaced.items():
+            where = ", ".join(str(p.relative_to(REPO)) for p in found) or "no page"
+            print(f"block <!-- {name}:begin --> ... <!-- {name}:end --> must be in exactly one page, found in {where}.")
+        return 1
+    stale = [p for p, t in texts.items() if render(t) != t]
     if "--check" in sys.argv[1:]:
-        if new != text:
-            print("README.md's tables differ from the result files: run `python scripts/readme.py`.")
-            return 1
-        return 0
-    README.write_text(new)
+        for p in stale:
+            print(f"{p.relative_to(REPO)}: numbers differ from the result files: run `python scripts/readme.py`.")
+        return 1 if stale else 0
+    for p in stale:
+        p.write_text(render(texts[p]))
     return 0
 
 

@@ -7,10 +7,35 @@ Results then always come from the code whose hashes dvc.lock records. The check 
 other set-up into one clear error instead of a silent run of other code.
 """
 
+import signal
 import sys
 from pathlib import Path
 
-import digitpairs
+
+def _defer(signum, frame) -> None:
+    """Ctrl-C, SIGTERM or SIGHUP while the stage is still importing its libraries: noted, and acted on
+    as soon as ``run_stage`` takes over (it stops the stage and puts back the outputs DVC deleted),
+    instead of a traceback from the middle of an import and outputs left deleted."""
+    _defer.pending.append(signum)
+
+
+_defer.pending = []
+for _sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+    if signal.getsignal(_sig) in (signal.SIG_DFL, signal.default_int_handler):
+        signal.signal(_sig, _defer)
+
+
+def undefer() -> None:
+    """For a command that does not go through ``run_stage``: the usual signal handling back (a signal
+    noted meanwhile ends it now)."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_DFL)
+    if _defer.pending:
+        sys.exit(128 + _defer.pending[0])
+
+
+import digitpairs  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 

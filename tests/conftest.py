@@ -1,4 +1,6 @@
-"""Shared fixtures: real MNIST from ../shared/mnist, served on 127.0.0.1 or read as a folder."""
+"""Shared fixtures: real MNIST from ../shared/mnist, served on 127.0.0.1 or read as a folder; the tiny
+pipeline, built once per test run and shared (``tiny_built``), or copied for a test that changes it
+(``tiny_repo``)."""
 
 from __future__ import annotations
 
@@ -64,3 +66,22 @@ def mnist_splits(mnist_root):
 def draw0(mnist_splits):
     tensors, _ = make_draw(*mnist_splits, seed=1, draw=0)
     return tensors
+
+
+@pytest.fixture(scope="session")
+def tiny_built(tmp_path_factory, shared_mnist) -> Path:
+    """The committed tiny pipeline: clone() with TINY params, `dvc repro` (run natively, as a fresh shell
+    would), `git add -A && git commit`. Built once per test run and shared: tests must not change it
+    (take ``tiny_repo`` for that). ``e2e.build_log(repo)`` is its build's `dvc repro` output,
+    ``e2e.build_status(repo)`` the git status the build left before the commit."""
+    from tests.e2e import build_tiny
+
+    return build_tiny(tmp_path_factory.mktemp("tiny") / "repo")
+
+
+@pytest.fixture
+def tiny_repo(tmp_path_factory, tiny_built) -> Path:
+    """A private copy of ``tiny_built`` (work tree, .git, .dvc/cache) that the test may change."""
+    from tests.e2e import copy_repo
+
+    return copy_repo(tiny_built, tmp_path_factory.mktemp("tiny-copy") / "repo")

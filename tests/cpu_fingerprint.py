@@ -1,4 +1,4 @@
-"""Train a few trials of both engines and print one hash of everything they produced.
+"""Train a few trials of both engines, multiply a battery of matrices, and print one hash of each.
 
 Run by ``tests/test_cpus.py`` natively and under ``qemu-x86_64 -cpu MODEL`` (another CPU, emulated):
 equal hashes mean the numeric pins hold on that CPU. ``python -m tests.cpu_fingerprint PAIRS_DIR``.
@@ -19,6 +19,22 @@ from digitpairs.training.train import TrainConfig
 from digitpairs.training.trials import make_trial
 
 WIDTHS = dict(nbch1=4, nbch2=8, nbfch=16, batch_norm=True, skip_connections=True)
+# Batched products of the shapes the engines multiply at the study's widths (conv1's 9 or 72 im2col
+# columns into 8-32 channels, the wider layers): the tiny trainings above do not reach every MKL
+# kernel, and under MKL_CBWR=AVX2,STRICT the first four shapes round differently on an emulated AMD
+# EPYC than on Intel CPUs.
+GEMMS = [(2, 100, 9, 8), (2, 100, 72, 8), (4, 100, 200, 16), (2, 32, 256, 100), (2, 100, 800, 256), (6, 576, 72, 32)]
+
+
+def gemm_digest() -> str:
+    """A hash of :data:`GEMMS` on fixed random operands, batched and single."""
+    g = torch.Generator().manual_seed(0)
+    h = sha256()
+    for b, m, k, n in GEMMS:
+        a, c = torch.randn(b, m, k, generator=g), torch.randn(b, k, n, generator=g)
+        h.update(torch.bmm(a, c).numpy().tobytes())
+        h.update((a[0] @ c[0]).numpy().tobytes())
+    return h.hexdigest()
 
 
 def fingerprint(pairs_dir: Path) -> dict[str, str]:
@@ -36,6 +52,7 @@ def fingerprint(pairs_dir: Path) -> dict[str, str]:
             for name, t in sorted(o.state.items()):
                 h.update(name.encode() + t.contiguous().numpy().tobytes())
         out[engine] = h.hexdigest()
+    out["gemm"] = gemm_digest()
     out["cpu_capability"] = torch.backends.cpu.get_cpu_capability()
     return out
 

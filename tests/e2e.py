@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -15,7 +17,7 @@ SKIP = {".venv", ".git", "data", "models_out", "plots", "dvc_plots", "test-artif
 
 TINY = {
     "data": {"n_draws": 2},
-    "train": {"epochs": 2},
+    "train": {"epochs": 1},
     "cv": {
         "n_draws": 1,
         "nbch1": [8],
@@ -60,10 +62,15 @@ def dvc(cwd: Path, *args: str, check: bool = True, **extra: str) -> subprocess.C
 def set_params(repo: Path, overrides: dict) -> None:
     """Deep-merge ``overrides`` into the copy's params.yaml."""
     path = repo / "params.yaml"
-    params = yaml.safe_load(path.read_text())
+    path.write_text(merged(path.read_text(), overrides))
+
+
+def merged(text: str, overrides: dict) -> str:
+    """params.yaml's ``text`` with ``overrides`` deep-merged, as set_params writes it."""
+    params = yaml.safe_load(text)
     for section, values in overrides.items():
         params[section].update(values)
-    path.write_text(yaml.safe_dump(params, sort_keys=False))
+    return yaml.safe_dump(params, sort_keys=False)
 
 
 def clone(dest: Path, overrides: dict | None = TINY) -> Path:
@@ -83,3 +90,72 @@ def clone(dest: Path, overrides: dict | None = TINY) -> Path:
     sh(dest, "git", "add", "-A")
     sh(dest, "git", "commit", "-qm", "project")
     return dest
+
+
+# folders holding the pipeline's outputs (docs/figures: the README's figure, a git-tracked output)
+OUTPUT_DIRS = ("data", "models_out", "plots", "docs/figures")
+
+
+def snapshot(repo: Path, skip: str = "") -> dict[str, str]:
+    """md5 of every output file (checkpoints aside: they are not outputs) and dvc.lock; ``skip``: a path
+    (file or folder) left out, the input a test broke on purpose."""
+    files = [p for d in OUTPUT_DIRS for p in (repo / d).rglob("*") if p.is_file() and "checkpoints" not in p.parts]
+    files.append(repo / "dvc.lock")
+    rel = {str(p.relative_to(repo)): p for p in sorted(files)}
+    return {k: hashlib.md5(p.read_bytes()).hexdigest() for k, p in rel.items() if not (skip and k.startswith(skip))}
+
+
+def ran(log: str) -> set[str]:
+    """The stages a `dvc repro` (or `dvc exp run`) log says it ran."""
+    return set(re.findall(r"Running stage '([^']+)'", log))
+
+
+BUILD_LOG = "repro.log"  # beside the tiny pipeline's folder: the build's `dvc repro` output
+BUILD_STATUS = "status.txt"  # beside it too: `git status --porcelain -uall` after the build, before its commit
+
+
+def build_tiny(repo: Path) -> Path:
+    """clone() with TINY params, `dvc repro` run natively, then `git add -A && git commit`: the committed
+    tiny pipeline. The build's log and the git status it left go to files beside ``repo``."""
+    from digitpairs.core import numerics
+
+    clone(repo)
+    # natively: the environment a fresh shell has, no numeric pins set from outside (this process imported
+    # digitpairs, which pinned its own environment); each stage sets the pins itself on import
+    cp = dvc(repo, "repro", **{k: "" for k in numerics.ENV_PINS})
+    (repo.parent / BUILD_LOG).write_text(cp.stdout + cp.stderr)
+    (repo.parent / BUILD_STATUS).write_text(sh(repo, "git", "status", "--porcelain", "--untracked-files=all").stdout)
+    sh(repo, "git", "add", "-A")
+    sh(repo, "git", "commit", "-qm", "tiny run")
+    return repo
+
+
+def build_log(repo: Path) -> str:
+    """The `dvc repro` output that built the tiny pipeline ``repo`` (or the one it was copied from)."""
+    return (repo.parent / BUILD_LOG).read_text()
+
+
+def build_status(repo: Path) -> str:
+    """`git status --porcelain --untracked-files=all` of the tiny pipeline right after its build."""
+    return (repo.parent / BUILD_STATUS).read_text()
+
+
+def copy_repo(src: Path, dest: Path) -> Path:
+    """A private copy of a built repository: work tree, .git, .dvc/cache (symlinks kept as links), and
+    the build's log and status beside it."""
+    shutil.copytree(src, dest, symlinks=True)
+    for name in (BUILD_LOG, BUILD_STATUS):
+        if (src.parent / name).exists():
+            shutil.copy2(src.parent / name, dest.parent / name)
+    return dest
+
+
+def edited_text(text: str, key: str, value: str) -> str:
+    """params.yaml's ``text`` with ``section.key`` set to the YAML text ``value`` (a text edit, so YAML
+    spellings such as .inf or yes reach DVC and the stages as written)."""
+    from digitpairs.core.params import parse
+
+    section, name = key.split(".")
+    params = parse(text)
+    params[section][name] = "BAD_VALUE_HERE"
+    return yaml.safe_dump(params, sort_keys=False).replace("BAD_VALUE_HERE", value)

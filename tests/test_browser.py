@@ -14,8 +14,6 @@ import json
 import os
 import re
 import shutil
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -26,11 +24,11 @@ import yaml
 
 from digitpairs.core.paths import VENDOR_JS
 from digitpairs.report import figures
+from tests.e2e import dvc, sh
 from tests.test_figures import run_stage, write_inputs
 
 REPO = Path(__file__).resolve().parents[1]
 ARTIFACTS = REPO / "test-artifacts"
-DVC = str(Path(sys.executable).with_name("dvc"))
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
 CHROMIUM_FLAGS = [
     "--headless",
@@ -144,17 +142,6 @@ if CHROMIUM is None and not os.environ.get("CI"):
     pytest.skip("chromium is not installed (apt-get install chromium); CI must have it", allow_module_level=True)
 
 
-def _dvc(root: Path, *args: str) -> str:
-    r = subprocess.run([DVC, *args], cwd=root, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, f"dvc {' '.join(args)} failed:\n{r.stdout}\n{r.stderr}"
-    return r.stdout
-
-
-def _git(root: Path, *args: str) -> None:
-    ident = ["-c", "user.name=test", "-c", "user.email=test@localhost", "-c", "commit.gpgsign=false"]
-    subprocess.run(["git", *ident, *args], cwd=root, check=True, capture_output=True, timeout=60)
-
-
 def _live_curves(root: Path, scale: float) -> None:
     """dvclive-style training curves, as the train stage writes them."""
     for variant in figures.VARIANTS:
@@ -168,8 +155,8 @@ def _live_curves(root: Path, scale: float) -> None:
 def run_repo(tmp_path_factory) -> Path:
     """A git+DVC repository holding a tiny finished run: the project's plot config and the real figures stage."""
     root = tmp_path_factory.mktemp("plots-run")
-    _git(root, "init", "-q")
-    _dvc(root, "init", "-q")
+    sh(root, "git", "init", "-q")
+    dvc(root, "init", "-q")
     shutil.copy(REPO / ".dvc/config", root / ".dvc/config")
     shutil.copytree(REPO / ".dvc/plots", root / ".dvc/plots", ignore=shutil.ignore_patterns("vendor"))
     for name in ("dvc.yaml", "params.yaml"):
@@ -332,14 +319,14 @@ def _interactive_plots(root: Path) -> int:
 
 
 def test_plots_show_renders_offline(run_repo: Path):
-    _dvc(run_repo, "plots", "show")
+    dvc(run_repo, "plots", "show")
     _check_page(run_repo / "dvc_plots/index.html", ARTIFACTS / "dvc-plots-show.png", _interactive_plots(run_repo))
 
 
 def test_plots_diff_overlays_revisions(run_repo: Path):
     """Commit the run, change the results, and diff: every view holds both revisions' data."""
-    _git(run_repo, "add", "-f", ".")
-    _git(run_repo, "commit", "-q", "-m", "baseline run")
+    sh(run_repo, "git", "add", "-f", ".")
+    sh(run_repo, "git", "-c", "commit.gpgsign=false", "commit", "-q", "-m", "baseline run")
     lw = pd.read_csv(run_repo / "data/loss_weights.csv")
     lw["score"] -= 0.05
     lw.to_csv(run_repo / "data/loss_weights.csv", index=False)
@@ -348,7 +335,7 @@ def test_plots_diff_overlays_revisions(run_repo: Path):
     cv.to_csv(run_repo / "data/cv/pair.csv", index=False)
     _live_curves(run_repo, 0.5)
     assert run_stage(run_repo).returncode == 0
-    _dvc(run_repo, "plots", "diff", "HEAD", "-o", "dvc_plots_diff")
+    dvc(run_repo, "plots", "diff", "HEAD", "-o", "dvc_plots_diff")
     html = (run_repo / "dvc_plots_diff/index.html").read_text()
     assert '"rev": "HEAD"' in html and '"rev": "workspace"' in html
     n = _interactive_plots(run_repo)

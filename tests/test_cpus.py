@@ -3,7 +3,8 @@
 so MKL and PyTorch choose their code paths as they would on that CPU).
 
 Emulated models: Intel Haswell (AVX2, the oldest CPU the pins target) and AMD EPYC (Zen 1, AVX2, another
-vendor: MKL runs its AUTO branch there). qemu's TCG has no AVX-512, so an AVX-512 model such as
+vendor: MKL chooses its code path by vendor, so the GEMM battery of ``tests/cpu_fingerprint.py`` checks
+that the pinned branch is taken there too). qemu's TCG has no AVX-512, so an AVX-512 model such as
 Cascadelake-Server runs as AVX2 and proves nothing more; the native machine is the AVX-512 one where it
 has it. Needs Debian's qemu-user (``make qemu``); each emulated run takes about 20 s.
 """
@@ -65,5 +66,6 @@ def test_pins_matter_on_this_cpu(pairs_dir, native):
     unpinned = fingerprint(pairs_dir, DIGITPAIRS_UNPINNED="1")
     if not unpinned["cpu_capability"].startswith("AVX512"):
         pytest.skip(f"this CPU's best torch capability is {unpinned['cpu_capability']}: nothing to pin away")
+    assert unpinned["gemm"] != native["gemm"]
     assert unpinned["lockstep"] != native["lockstep"]
     assert unpinned["loop"] != native["loop"]

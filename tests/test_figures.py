@@ -176,6 +176,12 @@ def test_every_figure_is_a_readable_png_and_svg(made: Path):
     assert not leftovers
 
 
+def test_the_readme_figure_is_a_copy_of_the_findings_figure(made: Path):
+    """docs/figures/findings.png (git-tracked, shown by the README) holds plots/findings.png's bytes."""
+    assert (made / "docs/figures/findings.png").read_bytes() == (made / "plots/findings.png").read_bytes()
+    assert not list((made / "docs/figures").glob("*partial*"))
+
+
 def _tiny_cv() -> pd.DataFrame:
     """Two draws of two combinations for pair at nbch1=8, one combination at nbch1=16."""
     rows = []

@@ -1,8 +1,10 @@
 """What the pipeline refuses, on a tiny finished run in a temporary git+DVC clone (real MNIST, real dvc).
 
-- Every key of params.yaml, given a value some stage would reject, stops `dvc repro` with a message
-  naming the key, and no output file changes (hashed before and after). `dvc repro -s <stage>`, which
-  skips check_params, stops too and leaves the outputs as they were.
+- A key of params.yaml given a value some stage would reject stops `dvc repro` with a message naming the
+  key, and no output file changes (hashed before and after): one representative value per params section
+  here, through DVC; every key's bad value is checked in-process by tests/test_params.py
+  (``test_every_bad_value_names_its_key``, the same table, on the same tiny params). `dvc repro -s
+  <stage>`, which skips check_params, stops too and leaves the outputs as they were.
 - A stage imports this checkout's digitpairs, never a decoy first on PYTHONPATH.
 - A `dvc exp run --temp` experiment (a temporary copy under .dvc/tmp/exps, as a queued one) runs the
   experiment's changed code, and finds MNIST through a relative MNIST_MIRROR.
@@ -10,38 +12,24 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
-import re
 import sys
 from pathlib import Path
 
 import pytest
-import yaml
 
 from tests.conftest import SHARED_MNIST
-from tests.e2e import TINY, clone, dvc, sh
+from tests.e2e import TINY, copy_repo, dvc, edited_text, ran, sh, snapshot
+from tests.test_params import BAD
 
 pytestmark = pytest.mark.slow
 
-OUTPUT_DIRS = ("data", "models_out", "plots")
-
-
-def snapshot(repo: Path) -> dict[str, str]:
-    """md5 of every output file (checkpoints aside: they are not outputs), plus dvc.lock."""
-    files = [p for d in OUTPUT_DIRS for p in (repo / d).rglob("*") if p.is_file() and "checkpoints" not in p.parts]
-    files.append(repo / "dvc.lock")
-    return {str(p.relative_to(repo)): hashlib.md5(p.read_bytes()).hexdigest() for p in sorted(files)}
-
 
 @pytest.fixture(scope="module")
-def repo(tmp_path_factory) -> Path:
-    """A clone with every stage run once on tiny params and the result committed."""
-    repo = clone(tmp_path_factory.mktemp("guards") / "repo")
-    dvc(repo, "repro")
-    sh(repo, "git", "add", "-A")
-    sh(repo, "git", "commit", "-qm", "tiny run")
-    return repo
+def repo(tmp_path_factory, tiny_built) -> Path:
+    """A clone with every stage run once on tiny params and the result committed: a copy of the shared
+    tiny pipeline, for this module's tests (each puts back what it changes)."""
+    return copy_repo(tiny_built, tmp_path_factory.mktemp("guards") / "repo")
 
 
 PARAMS_TEXT: dict[Path, str] = {}
@@ -50,71 +38,32 @@ PARAMS_TEXT: dict[Path, str] = {}
 def with_value(repo: Path, key: str, value: str) -> None:
     """Set ``section.key`` to the YAML text ``value`` in the clone's params.yaml (a text edit, so YAML
     spellings such as .inf or yes reach DVC and the stages as written)."""
-    from digitpairs.core.params import parse
-
-    section, name = key.split(".")
     text = PARAMS_TEXT.setdefault(repo, (repo / "params.yaml").read_text())
-    params = parse(text)
-    params[section][name] = "BAD_VALUE_HERE"
-    edited = yaml.safe_dump(params, sort_keys=False).replace("BAD_VALUE_HERE", value)
-    (repo / "params.yaml").write_text(edited)
+    (repo / "params.yaml").write_text(edited_text(text, key, value))
 
 
 def reset(repo: Path) -> None:
     (repo / "params.yaml").write_text(PARAMS_TEXT[repo])
 
 
-# One row per key: a value that some stage would reject (TINY: data.n_draws 2, n_pairs 1000).
-BAD = [
-    ("data.seed", "-1"),
-    ("data.n_draws", "0"),
-    ("data.n_pairs", "6000"),  # the test split holds 10000 images: at most 5000 pairs
-    ("train.seed", "1.5"),
-    ("train.epochs", "0"),
-    ("train.batch_size", "999"),  # a last mini-batch of 1 pair: batch norm cannot train on it
-    ("train.shuffle", "yes"),  # YAML 1.2: a string
-    ("train.relu_logits", "1"),
-    ("train.engine", "jax"),
-    ("train.device", "cuda" if not os.environ.get("CUDA_VISIBLE_DEVICES") else "auto"),
-    ("train.executor", "dask"),
-    ("cv.seed", "-3"),
-    ("cv.n_draws", "3"),  # more than data.n_draws
-    ("cv.score_on", "train"),
-    ("cv.executor", "slurm"),
-    ("cv.nbch1", "[0]"),
-    ("cv.nbch2", "[8.5]"),
-    ("cv.nbfch", "[100000]"),
-    ("cv.batch_norm", "[on]"),
-    ("cv.skip_connections", "[true, true]"),
-    ("cv.lr", "[1, 1.0]"),  # the same learning rate twice
-    ("cv.lr", "[.inf]"),
-    ("loss_weights.seed", "x"),
-    ("loss_weights.n_draws", "5"),
-    ("loss_weights.exponents", "[0, 400]"),  # 10**400 overflows
-    ("loss_weights.include_zero", "no"),
-    ("loss_weights.score_on", "best"),
-    ("loss_weights.executor", "remote"),
-    ("grad_norms.seed", "-1"),
-    ("grad_norms.draw", "2"),  # draws are 0 and 1
-    ("recipe.momentum", "1"),  # SGD diverges: must be < 1
-    ("recipe.schedule", "step"),
-    ("recipe.shift", "7"),  # more than half a digit
-    ("recipe.batch_size", "999"),
-    ("figures.dpi", "20000"),  # would exhaust memory
-    ("figures.error_bars", "sem"),
-]
+# Through DVC, one bad value per params section (each section is read by its own stages): YAML 1.2
+# spellings (yes, .inf, no), a bound from the real MNIST files, a bound from another key. Every row of
+# BAD is checked in-process by tests/test_params.py.
+THROUGH_DVC = {
+    "data.n_pairs": "6000",
+    "train.shuffle": "yes",
+    "cv.lr": "[.inf]",
+    "loss_weights.include_zero": "no",
+    "grad_norms.draw": "2",
+    "recipe.momentum": "1",
+    "figures.error_bars": "sem",
+}
+DVC_CASES = [(k, v) for k, v in BAD if THROUGH_DVC.get(k) == v]
+assert len(DVC_CASES) == len(THROUGH_DVC), "each representative is a row of tests/test_params.py's BAD"
 
 
-def _cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
-
-
-@pytest.mark.parametrize("key,value", BAD, ids=[f"{k}={v}" for k, v in BAD])
+@pytest.mark.parametrize("key,value", DVC_CASES, ids=[f"{k}={v}" for k, v in DVC_CASES])
 def test_bad_value_stops_repro_and_changes_no_output(repo, key, value):
-    if key == "train.device":
-        value = "auto" if _cuda() else "cuda"
     before = snapshot(repo)
     with_value(repo, key, value)
     try:
@@ -128,10 +77,6 @@ def test_bad_value_stops_repro_and_changes_no_output(repo, key, value):
     assert "Traceback" not in log, log
     assert ran(log) == {"check_params"}, log
     assert snapshot(repo) == before
-
-
-def ran(log: str) -> set[str]:
-    return set(re.findall(r"Running stage '([^']+)'", log))
 
 
 @pytest.mark.parametrize(

@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from digitpairs.core.params import MNIST_IMAGES, ParamError, max_pairs, parse, validate
-from tests.e2e import REPO
+from tests.e2e import REPO, TINY, edited_text, merged
 
 DEFAULTS = parse((REPO / "params.yaml").read_text())
 
@@ -74,6 +74,68 @@ def edited(section: str, key: str, value) -> dict:
 def test_bad_values_name_the_key(section, key, value, message):
     with pytest.raises(ParamError, match=message):
         validate(edited(section, key, value))
+
+
+# One row per key: a value, as YAML text in params.yaml, that some stage would reject, on the tiny params
+# the end-to-end tests run (TINY: data.n_draws 2, n_pairs 1000). tests/test_guards.py runs one row per
+# section through `dvc repro` (and every `dvc repro -s` path).
+BAD = [
+    ("data.seed", "-1"),
+    ("data.n_draws", "0"),
+    ("data.n_pairs", "6000"),  # the test split holds 10000 images: at most 5000 pairs
+    ("train.seed", "1.5"),
+    ("train.epochs", "0"),
+    ("train.batch_size", "999"),  # a last mini-batch of 1 pair: batch norm cannot train on it
+    ("train.shuffle", "yes"),  # YAML 1.2: a string
+    ("train.relu_logits", "1"),
+    ("train.engine", "jax"),
+    ("train.device", "cuda"),  # refused without a GPU; "auto" (never valid) where there is one
+    ("train.executor", "dask"),
+    ("cv.seed", "-3"),
+    ("cv.n_draws", "3"),  # more than data.n_draws
+    ("cv.score_on", "train"),
+    ("cv.executor", "slurm"),
+    ("cv.nbch1", "[0]"),
+    ("cv.nbch2", "[8.5]"),
+    ("cv.nbfch", "[100000]"),
+    ("cv.batch_norm", "[on]"),
+    ("cv.skip_connections", "[true, true]"),
+    ("cv.lr", "[1, 1.0]"),  # the same learning rate twice
+    ("cv.lr", "[.inf]"),
+    ("loss_weights.seed", "x"),
+    ("loss_weights.n_draws", "5"),
+    ("loss_weights.exponents", "[0, 400]"),  # 10**400 overflows
+    ("loss_weights.include_zero", "no"),
+    ("loss_weights.score_on", "best"),
+    ("loss_weights.executor", "remote"),
+    ("grad_norms.seed", "-1"),
+    ("grad_norms.draw", "2"),  # draws are 0 and 1
+    ("recipe.momentum", "1"),  # SGD diverges: must be < 1
+    ("recipe.schedule", "step"),
+    ("recipe.shift", "7"),  # more than half a digit
+    ("recipe.batch_size", "999"),
+    ("figures.dpi", "20000"),  # would exhaust memory
+    ("figures.error_bars", "sem"),
+]
+TINY_TEXT = merged((REPO / "params.yaml").read_text(), TINY)  # the end-to-end clones' params.yaml
+
+
+def test_tiny_params_text_is_valid():
+    assert validate(parse(TINY_TEXT))
+
+
+@pytest.mark.parametrize("key,value", BAD, ids=[f"{k}={v}" for k, v in BAD])
+def test_every_bad_value_names_its_key(key, value):
+    """The params.yaml text DVC and check_params read, with one bad value: refused, in one line naming
+    the key (the error check_params prints before any stage runs)."""
+    if key == "train.device" and value == "cuda":
+        import torch
+
+        value = "auto" if torch.cuda.is_available() else "cuda"
+    with pytest.raises(ParamError) as refused:
+        validate(parse(edited_text(TINY_TEXT, key, value)))
+    message = str(refused.value)
+    assert key in message and "\n" not in message, message
 
 
 def test_nesterov_needs_momentum():

@@ -1,16 +1,16 @@
-"""The DVC pipeline end to end, in a temporary clone, on real MNIST and tiny params."""
+"""The DVC pipeline end to end, in a temporary clone, on real MNIST and tiny params (the shared tiny
+pipeline: conftest's ``tiny_built``, copied as ``tiny_repo`` where a test changes it)."""
 
 from __future__ import annotations
 
 import json
-import re
 
 import pandas as pd
 import pytest
 import yaml
 
 from digitpairs.report.findings import CLAIMS as FINDINGS
-from tests.e2e import clone, dvc, set_params, sh
+from tests.e2e import build_log, build_status, dvc, ran, set_params
 
 pytestmark = pytest.mark.slow
 
@@ -33,19 +33,8 @@ STAGES = [
 UPSTREAM_OF_TRAIN = {"mnist", "pairs", "cv@pair", "cv@siamese", "loss_weights", "grad_norms", "recipe"}
 
 
-def ran(log: str) -> set[str]:
-    return set(re.findall(r"Running stage '([^']+)'", log))
-
-
-@pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    repo = clone(tmp_path_factory.mktemp("e2e") / "repo")
-    first = dvc(repo, "repro")
-    return repo, first.stdout + first.stderr
-
-
-def test_repro_runs_every_stage_and_writes_every_output(run):
-    repo, log = run
+def test_repro_runs_every_stage_and_writes_every_output(tiny_built):
+    repo, log = tiny_built, build_log(tiny_built)  # the first `dvc repro` of a fresh clone
     assert ran(log) == set(STAGES), log
     dvc_yaml = yaml.safe_load((repo / "dvc.yaml").read_text())
     for name, stage in dvc_yaml["stages"].items():
@@ -69,22 +58,21 @@ def test_repro_runs_every_stage_and_writes_every_output(run):
     findings = json.loads((repo / "models_out/findings.json").read_text())
     assert set(findings["claims"]) == set(FINDINGS) and findings["ablation"]["all additions"]["change_n"] == 1
     # every generated file is git-ignored (DVC wrote the entries), except what is meant for git
-    status = sh(repo, "git", "status", "--porcelain", "--untracked-files=all").stdout
+    status = build_status(repo)  # `git status --porcelain --untracked-files=all` right after that repro
     untracked = {line[3:] for line in status.splitlines() if not line.endswith(".gitignore")}
-    assert untracked <= {"dvc.lock", "models_out/metrics.json", "models_out/findings.json"}, untracked
+    in_git = {"models_out/metrics.json", "models_out/test_accuracy.json", "models_out/findings.json"}
+    assert untracked <= {"dvc.lock", "docs/figures/findings.png", *in_git}, untracked
 
 
-def test_second_repro_does_nothing(run):
-    repo, _ = run
+def test_second_repro_does_nothing(tiny_repo):
+    repo = tiny_repo
     log = dvc(repo, "repro").stdout
     assert ran(log) == set(), log
     assert "up to date" in dvc(repo, "status").stdout
 
 
-def test_editing_a_train_value_reruns_only_what_it_invalidates(run):
-    repo, _ = run
-    sh(repo, "git", "add", "-A")
-    sh(repo, "git", "commit", "-qm", "first run")
+def test_editing_a_train_value_reruns_only_what_it_invalidates(tiny_repo):
+    repo = tiny_repo  # the first run is committed
     set_params(repo, {"train": {"seed": 7}})
     status = dvc(repo, "status", "--json").stdout
     changed = set(json.loads(status))
@@ -97,12 +85,11 @@ def test_editing_a_train_value_reruns_only_what_it_invalidates(run):
     assert "models_out/metrics.json" in dvc(repo, "metrics", "diff", "--all").stdout
 
 
-def test_bad_param_stops_before_work_and_keeps_outputs(run):
-    repo, _ = run
+def test_bad_param_stops_before_work_and_keeps_outputs(tiny_repo):
+    repo = tiny_repo
     before = (repo / "data/cv/pair.csv").read_bytes()
     set_params(repo, {"cv": {"lr": [0.1, -1.0]}})
     cp = dvc(repo, "repro", check=False)
     assert cp.returncode != 0
     assert "cv.lr[1] must be > 0" in cp.stdout + cp.stderr
     assert (repo / "data/cv/pair.csv").read_bytes() == before
-    set_params(repo, {"cv": {"lr": [0.1, 0.5]}})

@@ -138,7 +138,6 @@ def test_a_closed_port_fails_fast_with_one_line(cluster_run):
     assert f"RAY_ADDRESS={c['address']}: nothing answers" in line
 
 
-@pytest.mark.xfail(reason="issue 19: run_stage puts back DVC-deleted outputs after any stage error", strict=False)
 def test_a_closed_port_puts_the_outputs_back(cluster_run):
     local, r = cluster_run
     assert r["closed_port"]["md5"] == local["md5"]

@@ -15,7 +15,7 @@ import time
 import pandas as pd
 import pytest
 
-from tests.e2e import TINY, clone, dvc, env, set_params, sh
+from tests.e2e import TINY, copy_repo, env, set_params, sh
 
 pytestmark = pytest.mark.slow
 
@@ -44,10 +44,14 @@ def resumed(err: str) -> tuple[int, int]:
 
 
 @pytest.fixture(scope="module")
-def repo(tmp_path_factory):
-    """A clone with pairs drawn, and the uninterrupted run's CSV and time."""
-    repo = clone(tmp_path_factory.mktemp("resume") / "repo", GRID)
-    dvc(repo, "repro", "pairs")
+def repo(tmp_path_factory, tiny_built):
+    """A clone with pairs drawn, and the uninterrupted run's CSV and time: a copy of the shared tiny
+    pipeline (GRID draws the same pairs: its data section is TINY's), set to GRID, without the tiny run's
+    cv@pair checkpoint and CSV."""
+    assert GRID["data"] == TINY["data"]
+    repo = copy_repo(tiny_built, tmp_path_factory.mktemp("resume") / "repo")
+    set_params(repo, GRID)
+    fresh(repo)
     err, seconds = cv_pair(repo)
     assert resumed(err) == (0, N)
     return repo, (repo / CSV).read_bytes(), seconds

@@ -10,8 +10,7 @@ import sys
 import pytest
 import yaml
 
-from digitpairs.core import numerics
-from tests.e2e import clone, dvc, sh
+from tests.e2e import sh
 
 pytestmark = pytest.mark.slow
 
@@ -21,15 +20,11 @@ pytestmark = pytest.mark.slow
 AVX2_ONLY = {"MKL_ENABLE_INSTRUCTIONS": "AVX2", "ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
 
 
-@pytest.fixture(scope="module")
-def committed(tmp_path_factory):
-    """A tiny pipeline run natively (the environment a fresh shell has) and committed with its dvc.lock."""
-    repo = clone(tmp_path_factory.mktemp("verify") / "repo")
-    native = {k: "" for k in numerics.ENV_PINS} | {"ATEN_CPU_CAPABILITY": ""}
-    dvc(repo, "repro", **native)
-    sh(repo, "git", "add", "-A")
-    sh(repo, "git", "commit", "-qm", "results")
-    return repo
+@pytest.fixture
+def committed(tiny_repo):
+    """A tiny pipeline run natively (the environment a fresh shell has) and committed with its dvc.lock:
+    conftest's shared ``tiny_built``, in a private copy (a test may tamper with it)."""
+    return tiny_repo
 
 
 def verify(repo, *args: str, **env: str):

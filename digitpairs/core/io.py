@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import traceback
 from collections.abc import Callable
 from pathlib import Path
+from typing import NoReturn
 
 import pandas as pd
 
@@ -22,17 +26,40 @@ class StageError(RuntimeError):
     runs, imports nothing from the data, training or report code."""
 
 
-def _atomic_write(path: Path, text: str) -> None:
+def _atomic_write(path: Path, data: str | bytes) -> None:
+    """Write under a temporary name, then rename: a reader never sees half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".partial")
-    tmp.write_text(text)
+    if isinstance(data, bytes):
+        tmp.write_bytes(data)
+    else:
+        tmp.write_text(data)
     tmp.replace(path)
 
 
 def write_json(obj: object, path: Path) -> None:
-    """Sorted keys and fixed indentation, so unchanged results give unchanged bytes (and hashes)."""
-    _atomic_write(path, json.dumps(obj, sort_keys=True, indent=2) + "\n")
+    """Sorted keys and fixed indentation, so unchanged results give unchanged bytes (and hashes).
+
+    Strict JSON: a NaN or an infinity (which JSON has no spelling for, and strict parsers reject) is
+    refused with the file's name; an undefined statistic belongs in the file as ``null``."""
+    try:
+        text = json.dumps(obj, sort_keys=True, indent=2, allow_nan=False)
+    except ValueError as err:
+        raise ValueError(f"{path}: refusing to write a NaN or an infinity (not JSON): {err}") from None
+    _atomic_write(path, text + "\n")
+
+
+def finite_or_null(obj: object) -> object:
+    """``obj`` with every NaN or infinite float replaced by None, for JSON files of measurements (the GPU
+    script's tuning and provenance) where an undefined number must not stop the run: it is ``null``."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite_or_null(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [finite_or_null(v) for v in obj]
+    return obj
 
 
 def write_csv(df: pd.DataFrame, path: Path) -> None:
@@ -54,73 +81,254 @@ def _put(src: Path, dest: Path, md5: str) -> None:
     tmp.replace(dest)
 
 
-def restore_outputs(stage: str) -> list[str]:
-    """Put back the outputs of ``stage`` that DVC deleted before running its command.
-
-    DVC removes a stage's outputs before it starts the command, and offers no hook before that;
-    so when the command then refuses to run (a bad value in params.yaml, under ``dvc repro -s``),
-    it restores every missing output from the DVC cache (or, for an uncached output such as the
-    git-tracked metrics, from ``git HEAD``) exactly as dvc.lock records it, hash-checked. Outputs
-    that exist are left alone. Returns the paths it could not restore.
-    """
+def _lock_stages() -> dict:
+    """``stages`` of ./dvc.lock, or {} when there is none (or it does not parse)."""
     lock_path = Path("dvc.lock")
     if not lock_path.is_file():
-        return []
+        return {}
     try:
-        entry = (params_module.parse(lock_path.read_text(), lock_path) or {}).get("stages", {}).get(stage) or {}
+        return (params_module.parse(lock_path.read_text(), lock_path) or {}).get("stages") or {}
     except params_module.ParamError:
-        return []
-    missing = [o for o in entry.get("outs", []) if "md5" in o and not Path(o["path"]).exists()]
-    if not missing:
-        return []
+        return {}
+
+
+def _cache():
     from dvc.repo import Repo
 
-    cache = Repo(".").cache.local
-    lost = []
-    for out in missing:
-        path, md5 = Path(out["path"]), out["md5"]
+    return Repo(".").cache.local
+
+
+def _manifest(cache, md5: str) -> dict[str, str]:
+    """``{relpath: md5}`` of a directory output, from its ``.dir`` object in the DVC cache."""
+    return {e["relpath"]: e["md5"] for e in json.loads(Path(cache.oid_to_path(md5)).read_text())}
+
+
+def _first_mismatch(path: Path, md5: str, cache) -> Path | None:
+    """The first file of output ``path`` that is not as dvc.lock's ``md5`` records it (missing, changed,
+    or, in a folder, extra), or None when it all matches (or cannot be checked: no ``.dir`` object)."""
+    if not md5.endswith(".dir"):
+        return None if path.is_file() and _md5(path) == md5 else path
+    try:
+        manifest = _manifest(cache, md5)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None if path.is_dir() else path
+    files = {f.relative_to(path).as_posix(): f for f in path.rglob("*") if f.is_file()} if path.is_dir() else {}
+    for rel in sorted(manifest.keys() | files.keys()):
+        if rel not in manifest or rel not in files or _md5(files[rel]) != manifest[rel]:
+            return path / rel
+    return None
+
+
+def _restore_one(path: Path, md5: str, cache) -> None:
+    """Put output ``path`` back as ``md5`` records it: from the DVC cache (every file hash-checked,
+    a folder assembled beside it and swapped in whole), or, for an uncached output (``cache: false``,
+    committed to git), from ``git HEAD``. Raises FileNotFoundError when neither holds it."""
+    if md5.endswith(".dir"):
+        tmp = path.with_name(path.name + ".partial")
+        shutil.rmtree(tmp, ignore_errors=True)
+        for rel, file_md5 in _manifest(cache, md5).items():
+            _put(Path(cache.oid_to_path(file_md5)), tmp / rel, file_md5)
+        tmp.mkdir(parents=True, exist_ok=True)
+        old = path.with_name(path.name + ".failed")
+        shutil.rmtree(old, ignore_errors=True)
+        if path.is_dir() and not path.is_symlink():
+            path.replace(old)
+        else:
+            path.unlink(missing_ok=True)
+        tmp.replace(path)
+        shutil.rmtree(old, ignore_errors=True)
+    elif Path(cache.oid_to_path(md5)).is_file():
+        _put(Path(cache.oid_to_path(md5)), path, md5)
+    else:
+        blob = subprocess.run(["git", "show", f"HEAD:{path.as_posix()}"], capture_output=True, check=False)
+        if blob.returncode or hashlib.md5(blob.stdout).hexdigest() != md5:
+            raise FileNotFoundError(path)
+        _atomic_write(path, blob.stdout)  # bytes: the README's PNG is one
+
+
+def restore_outputs(stage: str) -> tuple[list[str], list[str]]:
+    """Put the outputs of ``stage`` back as dvc.lock records them, after its command failed.
+
+    DVC removes a stage's outputs before it starts the command, and offers no hook before that or
+    after a failure; so a stage that fails (a bad value in params.yaml, a corrupt input, an
+    interrupt, under ``dvc repro -s`` or not) puts back every output that is missing or not as
+    dvc.lock records it (a file the failed run wrote, a folder it half filled): from the DVC cache,
+    or, for an uncached output such as the git-tracked metrics, from ``git HEAD``; every file is
+    hash-checked and lands under a temporary name first, so nothing half-written is left, and an
+    output is only ever replaced by the exact bytes dvc.lock records. Outputs that match are left
+    alone, as are files that are not outputs (the checkpoints). Returns ``(restored, lost)``: the
+    paths put back, and those neither the cache nor git holds (``dvc checkout`` cannot help there
+    either; rerunning the stage can)."""
+    entry = _lock_stages().get(stage) or {}
+    outs = [(Path(o["path"]), o["md5"]) for o in entry.get("outs", []) if "md5" in o]
+    if not outs:
+        return [], []
+    cache = _cache()
+    restored, lost = [], []
+    for path, md5 in outs:
+        _remove(path.with_name(path.name + ".partial"))  # what an interrupted write left
+        if _first_mismatch(path, md5, cache) is None:
+            continue
         try:
-            if md5.endswith(".dir"):
-                tmp = path.with_name(path.name + ".partial")
-                shutil.rmtree(tmp, ignore_errors=True)
-                for entry in json.loads(Path(cache.oid_to_path(md5)).read_text()):
-                    _put(Path(cache.oid_to_path(entry["md5"])), tmp / entry["relpath"], entry["md5"])
-                tmp.mkdir(parents=True, exist_ok=True)
-                tmp.replace(path)
-            elif Path(cache.oid_to_path(md5)).is_file():
-                _put(Path(cache.oid_to_path(md5)), path, md5)
-            else:  # an uncached output (cache: false) is committed to git
-                blob = subprocess.run(["git", "show", f"HEAD:{out['path']}"], capture_output=True, check=False)
-                if blob.returncode or hashlib.md5(blob.stdout).hexdigest() != md5:
-                    raise FileNotFoundError(out["path"])
-                _atomic_write(path, blob.stdout.decode())
-        except (FileNotFoundError, json.JSONDecodeError, KeyError):
-            lost.append(out["path"])
-    return lost
+            _restore_one(path, md5, cache)
+            restored.append(path.as_posix())
+        except (OSError, json.JSONDecodeError, KeyError, TypeError):
+            lost.append(path.as_posix())
+    return restored, lost
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def stale_input(stage: str) -> str:
+    """Where an input of ``stage`` is not what its producing stage wrote, by dvc.lock: a clause naming
+    the first such file and the commands that fix it, or "" when every input is as recorded (or
+    dvc.lock cannot tell). Used to explain an unexpected failure, such as a truncated CSV or model."""
+    stages = _lock_stages()
+    entry = stages.get(stage) or {}
+    produced = {o["path"]: (s, o["md5"]) for s, e in stages.items() for o in (e or {}).get("outs", []) if "md5" in o}
+    cache = None
+    for dep in entry.get("deps", []):
+        if dep.get("path") not in produced:
+            continue
+        producer, md5 = produced[dep["path"]]
+        cache = cache or _cache()
+        bad = _first_mismatch(Path(dep["path"]), md5, cache)
+        if bad is None:
+            continue
+        state = "is missing" if not bad.exists() else "is not as dvc.lock records it"
+        cached = md5.endswith(".dir") or Path(cache.oid_to_path(md5)).is_file()
+        force = "--force " if bad.exists() else ""  # dvc checkout will not replace a changed file without it
+        fix = f"dvc checkout {force}{dep['path']}" if cached else f"git checkout -- {dep['path']}"
+        return (
+            f"; input {bad.as_posix()} {state} (written by stage {producer}): "
+            f"`{fix}` restores it, `dvc repro {producer}` recomputes it"
+        )
+    return ""
+
+
+DEBUG_ENV = "DIGITPAIRS_DEBUG"
+_caught: list[int] = []  # the signal that interrupted the stage, if any
+
+
+def _on_signal(signum: int, frame) -> None:
+    _caught.append(signum)
+    raise KeyboardInterrupt
+
+
+def _handle_signals() -> None:
+    """SIGTERM and SIGHUP (a job killed politely, a closed terminal) take Ctrl-C's path: the stage stops
+    with one line, keeps its checkpoints, and restores its outputs; the exit status is 128 + signal.
+    A signal the parent set to be ignored (a background job's SIGINT) stays ignored. A signal that
+    arrived while the stage was importing (``stages/__init__.py`` notes it) stops the stage now."""
+    pending: list[int] = []
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        handler = signal.getsignal(sig)
+        if handler in (signal.SIG_DFL, signal.default_int_handler) or hasattr(handler, "pending"):
+            pending += getattr(handler, "pending", [])
+            signal.signal(sig, _on_signal)
+    if pending:
+        _caught.append(pending[0])
+        raise KeyboardInterrupt
+
+
+def _stage_name() -> str:
+    """The DVC stage running (``DVC_STAGE``), or the one this command would be under dvc.yaml
+    (``python -m stages.cv pair`` is cv@pair), or "" if neither is known."""
+    if os.environ.get("DVC_STAGE"):
+        return os.environ["DVC_STAGE"]
+    stem = Path(sys.argv[0]).stem
+    stages = _lock_stages()
+    matrix = f"{stem}@{sys.argv[1]}" if len(sys.argv) > 1 else ""
+    return matrix if matrix in stages else stem if stem in stages else ""
+
+
+def _fail(line: str, status: int, explain: bool, hint: str = "") -> NoReturn:
+    """Finish a failed stage: under DVC put its outputs back (signals held off meanwhile), print
+    ``line`` plus what was restored or what to run, and exit with ``status``."""
+    held = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    dvc_stage = os.environ.get("DVC_STAGE", "")
+    note = ""
+    try:
+        if explain and "`" not in line:
+            note += stale_input(_stage_name())
+        if dvc_stage:
+            restored, lost = restore_outputs(dvc_stage)
+            if lost:
+                note += f" (could not restore {', '.join(lost)}: `dvc checkout {dvc_stage}` or `dvc repro {dvc_stage}`)"
+            elif restored:
+                note += f" (outputs put back as dvc.lock records them: {', '.join(restored)})"
+    except Exception as err:  # the report must not hide the failure it reports
+        note += f" (could not check the outputs: {type(err).__name__}: {err}; run `dvc checkout {dvc_stage}`)"
+    print(line + note + hint, file=sys.stderr)
+    sys.stderr.flush()
+    for sig, handler in held.items():
+        signal.signal(sig, handler)
+    sys.exit(status)
 
 
 def run_stage(main: Callable[[dict], None]) -> None:
-    """Validate params.yaml, then run a stage's ``main(params)``, turning expected failures into
-    one clear line on stderr.
+    """Validate params.yaml, then run a stage's ``main(params)``: one failure path for everything.
 
-    Validation comes first, before the stage writes anything. Under DVC (``DVC_STAGE`` set) a bad
-    value also puts back the outputs DVC deleted (:func:`restore_outputs`), so ``dvc repro -s``
-    loses nothing either. Exit status: 1 for an error, 130 for an interrupt (Ctrl-C), which says
-    what was kept and how to resume.
+    Validation comes first, before the stage writes anything. Whatever then goes wrong, the stage
+    ends with one line on stderr (``error: ...`` or ``interrupted: ...``) naming what failed, the file
+    where one is at fault and the command that fixes it, and a non-zero exit status: 1 for an error,
+    130 for Ctrl-C, 143 for SIGTERM (129 for SIGHUP). Under DVC (``DVC_STAGE`` set) the outputs DVC
+    deleted before the command are put back first (:func:`restore_outputs`), so ``dvc repro -s``
+    loses nothing; checkpoints are kept, so ``dvc repro`` resumes. Expected failures (a bad param,
+    a :class:`StageError`, a ``ValueError`` or ``FileNotFoundError`` raised by the project's own code,
+    whose messages are written for the user) print their message; any other exception (a library's,
+    a worker's) prints the stage, its type and its first line. Where a message names no command, the
+    line adds the first input that dvc.lock says is not what its stage wrote (:func:`stale_input`),
+    with the ``dvc checkout`` that restores it. ``DIGITPAIRS_DEBUG=1`` prints the traceback too.
     """
-    stage = os.environ.get("DVC_STAGE", "")
     try:
+        _handle_signals()
         try:
             p = params_module.load()
         except params_module.ParamError as err:
-            lost = restore_outputs(stage) if stage else []
-            note = f" (could not restore {', '.join(lost)}: run `dvc checkout {stage}`)" if lost else ""
-            print(f"error: {err}{note}", file=sys.stderr)
-            sys.exit(1)
+            _fail(f"error: {err}", 1, explain=False)
         main(p)
-    except (ValueError, FileNotFoundError, StageError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(1)
     except KeyboardInterrupt as err:
-        print(f"interrupted: {err or 'stopped before finishing'}", file=sys.stderr)
-        sys.exit(130)
+        signum = _caught[-1] if _caught else signal.SIGINT
+        what = {signal.SIGINT: "", signal.SIGTERM: " (SIGTERM)", signal.SIGHUP: " (SIGHUP)"}.get(signum, "")
+        name = _stage_name() or Path(sys.argv[0]).stem
+        default = f"{name}: stopped before finishing; `dvc repro` reruns it."
+        _fail(f"interrupted{what}: {str(err) or default}", 128 + signum, explain=False)
+    except (ValueError, FileNotFoundError, StageError) as err:
+        if isinstance(err, StageError) or _raised_here(err):
+            _debug()
+            _fail(f"error: {err}", 1, explain=True)
+        _unexpected(err)
+    except Exception as err:
+        _unexpected(err)
+
+
+def _raised_here(err: BaseException) -> bool:
+    """Whether the project's own code raised ``err`` (a message written for the user), rather than a
+    library (whose message lacks the context: which stage, which file)."""
+    tb = err.__traceback__
+    while tb and tb.tb_next:
+        tb = tb.tb_next
+    if tb is None:
+        return False
+    source = Path(tb.tb_frame.f_code.co_filename).resolve()
+    package = Path(__file__).resolve().parents[1]  # digitpairs/
+    return source.is_relative_to(package) or source.is_relative_to(package.parent / "stages")
+
+
+def _unexpected(err: BaseException) -> NoReturn:
+    _debug()
+    first = (str(err).strip().splitlines() or [""])[0][:300]
+    name = _stage_name() or Path(sys.argv[0]).stem
+    hint = "" if os.environ.get(DEBUG_ENV) else f" ({DEBUG_ENV}=1 shows the traceback)"
+    _fail(f"error: {name} failed: {type(err).__name__}: {first}", 1, explain=True, hint=hint)
+
+
+def _debug() -> None:
+    if os.environ.get(DEBUG_ENV):
+        traceback.print_exc()

@@ -4,14 +4,16 @@ Without them the numeric libraries pick a code path per CPU (AVX2, AVX-512, AMX,
 round differently, and 25 epochs of SGD turn the last bit into another model. Each pin below is a
 control the library itself documents; nothing is re-implemented here.
 
-- ``MKL_CBWR=AVX2,STRICT`` (every GEMM: the lockstep engine's batched matmuls, the loop engine's
-  linear layers and im2col convolutions). oneMKL's Conditional Numerical Reproducibility: the AVX2
-  branch gives the same results on every Intel CPU that supports AVX2, and strict mode keeps ?gemm
-  bitwise reproducible even when the thread count changes (oneMKL Developer Guide, "Getting Started
-  with Conditional Numerical Reproducibility" and "Reproducibility Conditions"). On AVX-512/AMX
-  machines it holds MKL to the AVX2 branch. On non-Intel CPUs MKL reports ``CNR:AUTO``: the guide
-  promises nothing there, so the match with Intel CPUs is measured (AMD host vs emulated Intel
-  Haswell and AMD EPYC, ``tests/test_cpus.py``), not assumed.
+- ``MKL_CBWR=COMPATIBLE`` (every GEMM: the lockstep engine's batched matmuls, the loop engine's
+  linear layers and im2col convolutions). oneMKL's Conditional Numerical Reproducibility: the
+  COMPATIBLE branch (SSE2 instructions) is the one the guide names for Intel and Intel-compatible
+  processors alike (oneMKL Developer Guide, "Getting Started with Conditional Numerical
+  Reproducibility"); single-threaded, as every job runs, it needs no strict mode. The AVX2 branch
+  (``AVX2,STRICT``) is promised for Intel CPUs only, and on AMD CPUs MKL runs its own path: under it
+  a [100 x 9] @ [9 x 8] product already rounds differently on an emulated AMD EPYC than on an Intel
+  CPU, and a default ``dvc repro`` computed on an AMD EPYC differed from one on an Intel Xeon with
+  AMX in 15 of its 18 outputs. COMPATIBLE gives the same bytes on both (``tests/test_cpus.py``: its
+  GEMM battery and trainings, natively and on emulated Intel Haswell and AMD EPYC).
 - ``ATEN_CPU_CAPABILITY=avx2`` (reductions, softmax, exp/log, batch-norm statistics, max-pool):
   PyTorch compiles these kernels once per ISA and its DispatchStub uses at most the capability named
   by this variable (read once, at the first dispatched operation).
@@ -45,7 +47,7 @@ from functools import cache
 from hashlib import sha256
 
 ENV_PINS = {
-    "MKL_CBWR": "AVX2,STRICT",
+    "MKL_CBWR": "COMPATIBLE",
     "ATEN_CPU_CAPABILITY": "avx2",
     "CUBLAS_WORKSPACE_CONFIG": ":4096:8",
 }

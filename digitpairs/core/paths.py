@@ -16,9 +16,13 @@ GRAD_NORMS_CSV = Path("data/grad_norms.csv")
 MODELS_DIR = Path("models_out/models")
 LIVE_DIR = Path("models_out/live")
 METRICS_JSON = Path("models_out/metrics.json")
+# the one declared metric (test accuracy per variant), what `dvc metrics show` prints; the detail: metrics.json
+TEST_ACCURACY_JSON = Path("models_out/test_accuracy.json")
 TEST_SCORES_CSV = Path("models_out/test_scores.csv")
 CONFUSION_CSV = Path("models_out/confusion.csv")
 PLOTS_DIR = Path("plots")
+# a copy of plots/findings.png committed to git, so the README shows it (a `cache: false` output of figures)
+HEADLINE_FIGURE = Path("docs/figures/findings.png")
 # The offline Vega bundle of `dvc plots show` pages (git-ignored, outside DVC's outputs)
 VENDOR_JS = Path(".dvc/plots/vendor/vega-offline.js")
 

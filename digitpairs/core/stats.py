@@ -42,7 +42,7 @@ def _finite(x: float) -> float | None:
     return float(x) if np.isfinite(x) else None
 
 
-def _untested(mean: float, n: int) -> dict:
+def _untested(mean: float | None, n: int) -> dict:
     return {"mean": mean, "ci95_low": None, "ci95_high": None, "p_t": None, "n": n}
 
 
@@ -50,10 +50,12 @@ def paired(a: Sequence[float], b: Sequence[float]) -> dict:
     """``a - b`` paired element by element: mean difference, its 95% CI (Student t), and two-sided
     p-values of the paired t-test and of the Wilcoxon signed-rank test. ``n`` counts the pairs.
 
-    Fewer than 2 pairs test nothing: CI and p are None. Pairs that all differ by the same amount have a
-    CI of that amount and a t-test p of 0 (or 1 if it is 0)."""
+    Fewer than 2 pairs test nothing: CI and p are None; no pairs at all (a grid with one value of a
+    switch) have no mean either: None, with ``n`` 0 (JSON has no NaN). Pairs that all differ by the
+    same amount have a CI of that amount and a t-test p of 0 (or 1 if it is 0)."""
     d = np.asarray(a, dtype=float) - np.asarray(b, dtype=float)
-    n, mean = len(d), float(d.mean())
+    n = len(d)
+    mean = float(d.mean()) if n else None
     if n < 2:
         return _untested(mean, n) | {"p_wilcoxon": None}
     nonzero = d[d != 0]
@@ -76,9 +78,9 @@ def paired(a: Sequence[float], b: Sequence[float]) -> dict:
 def welch(a: Sequence[float], b: Sequence[float]) -> dict:
     """Difference of the means of two independent samples ``a`` and ``b`` (Welch's t-test): mean
     difference, 95% CI and two-sided p; ``n`` is ``len(a) + len(b)``. With fewer than 2 values in a
-    group, or no spread in either, CI and p are None."""
+    group, or no spread in either, CI and p are None (and the mean too if a group is empty)."""
     a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
-    mean, n = float(a.mean() - b.mean()), len(a) + len(b)
+    mean, n = (float(a.mean() - b.mean()) if len(a) and len(b) else None), len(a) + len(b)
     if len(a) < 2 or len(b) < 2 or not (a.std() > 1e-12 or b.std() > 1e-12):
         return _untested(mean, n)
     t = stats.ttest_ind(a, b, equal_var=False)

@@ -9,8 +9,10 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from digitpairs.core.io import StageError
 from digitpairs.core.params import images_needed
 from digitpairs.core.seeding import generator
 
@@ -96,12 +98,24 @@ def save_draw(tensors: Draw, meta: dict[str, str], path: Path) -> None:
     tmp.replace(path)
 
 
-def load_draw(path: Path) -> Draw:
-    """Tensors of one stored draw."""
+def existing_draw(path: Path) -> Path:
+    """``path``, or a FileNotFoundError that says how to make it (before anything reads the file)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"pair draw {path} does not exist; run `dvc repro pairs` first.")
-    return load_file(str(path))
+    return path
+
+
+def load_draw(path: Path) -> Draw:
+    """Tensors of one stored draw; a truncated or corrupt file is a ``StageError`` naming it and the fix."""
+    path = existing_draw(path)
+    try:
+        return load_file(str(path))
+    except SafetensorError as err:
+        raise StageError(
+            f"pair draw {path} is corrupt or truncated ({err}); `dvc checkout --force {path.parent}` restores it, "
+            "`dvc repro pairs` recomputes it."
+        ) from None
 
 
 def split(draw: Draw, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -9,6 +9,7 @@ drawn, so bad input fails with one line naming the file and the column, and leav
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -219,7 +220,7 @@ def findings_table(claims: dict[str, dict]) -> pd.DataFrame:
                 "panel": panel,
                 "claim": slug,
                 "label": label,
-                "effect": 100 * float(c["mean"]),
+                "effect": float("nan") if c["mean"] is None else 100 * float(c["mean"]),  # no pairs: no effect
                 "low": float("nan") if untested else 100 * float(c["ci95_low"]),
                 "high": float("nan") if untested else 100 * float(c["ci95_high"]),
                 "p_holm": float("nan") if untested else float(c["p_t_holm"]),
@@ -440,8 +441,12 @@ def save(fig: Figure, out: Path, name: str, dpi: int) -> None:
     plt.close(fig)
 
 
-def make_all(root: Path, out: Path, dpi: int, error_bars: str = "group") -> list[Path]:
-    """Read and check every input under ``root``, then write the ten figures and the tidy CSVs to ``out``."""
+HEADLINE = "findings"  # the figure the README shows: every tested claim at a glance
+
+
+def make_all(root: Path, out: Path, dpi: int, error_bars: str = "group", headline: Path | None = None) -> list[Path]:
+    """Read and check every input under ``root``, then write the ten figures and the tidy CSVs to ``out``;
+    with ``headline``, also a byte-for-byte copy of ``out/findings.png`` there (the README's figure, in git)."""
     cv_paths = [root / "data/cv/pair.csv", root / "data/cv/siamese.csv"]
     cv = pd.concat([read_csv(p, CV_COLUMNS) for p in cv_paths], ignore_index=True)
     lw = read_csv(root / "data/loss_weights.csv", LOSS_COLUMNS)
@@ -471,6 +476,11 @@ def make_all(root: Path, out: Path, dpi: int, error_bars: str = "group") -> list
     write_csv(summary, out / "cv_summary.csv")
     write_csv(loss_weight_table(lw), out / "loss_weights.csv")
     write_csv(findings_table(claims), out / "findings.csv")
+    if headline is not None:
+        headline.parent.mkdir(parents=True, exist_ok=True)
+        tmp = headline.with_name(f".{headline.name}.partial")
+        shutil.copyfile(out / f"{HEADLINE}.png", tmp)
+        tmp.replace(headline)
     return [out / f"{n}.{e}" for n in FIGURES for e in ("png", "svg")]
 
 

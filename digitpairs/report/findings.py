@@ -1,7 +1,7 @@
 """What the study's numbers establish: each claim as an effect with a 95% CI and p-values, Holm-corrected
 over the family, plus what selecting on the test set costs and what each addition of siamese-plus earns.
 
-Differences are in accuracy (fractions; the README and the figure show points). Every claim is paired
+Differences are in accuracy (fractions; docs/findings.md and the figure show points). Every claim is paired
 over the same draws (or, for batch norm and skip connections, over grid configurations that differ only
 in that switch, on the same draw), except the test-selection gap, which compares disjoint draws (Welch).
 """
@@ -16,7 +16,7 @@ from digitpairs.core.params import GRID_KEYS
 from digitpairs.core.stats import holm, mean_std, paired, welch
 from digitpairs.core.variants import ALL_ADDITIONS, PLUS, STUDY_VARIANTS, VARIANTS
 
-# slug -> what it compares (figure and README label)
+# slug -> what it compares (figure and docs/findings.md label)
 CLAIMS = {
     "sharing_digits": "siamese-10 vs pair (weight sharing, digit loss)",
     "sharing_aux": "siamese-2 vs pair (weight sharing, auxiliary loss)",
@@ -47,7 +47,7 @@ def switch_effect(cv: pd.DataFrame, variant: str, switch: str) -> dict:
     """Switch on - off, paired over (every other grid value, draw) of ``variant``'s CV rows.
 
     The pairs share draws, so they are not independent: the CI and p-value are optimistic by the
-    correlation between configurations of one draw (the README says so)."""
+    correlation between configurations of one draw (docs/findings.md says so)."""
     rows = cv[cv["variant"] == variant]
     others = [k for k in GRID_KEYS if k != switch] + ["draw"]
     on = rows[rows[switch].astype(str).str.lower() == "true"].set_index(others)["score"]
@@ -66,7 +66,12 @@ def test_selection(cv: pd.DataFrame, controls: pd.DataFrame, variant: str) -> di
     same = (rows[list(GRID_KEYS)].astype(str) == config.astype(str).to_numpy()).all(axis=1)
     reported = rows.loc[same, "test_accuracy"]
     result = welch(reported.to_numpy(), unseen["test_accuracy"].to_numpy())
-    return result | {"reported": float(reported.mean()), "unseen": float(unseen["test_accuracy"].mean())}
+    return result | {"reported": _mean(reported), "unseen": _mean(unseen["test_accuracy"])}
+
+
+def _mean(values: pd.Series) -> float | None:
+    """A mean for JSON: None when there is nothing to average (JSON has no NaN)."""
+    return float(values.mean()) if len(values) else None
 
 
 def claims(cv: pd.DataFrame, scores: pd.DataFrame, controls: pd.DataFrame) -> dict[str, dict]:

@@ -9,8 +9,11 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
+
+from digitpairs.core.io import StageError
 
 ARCHS = ("pair", "siamese")
 
@@ -136,13 +139,26 @@ def save_model(model: nn.Module, cfg: ModelConfig, stem: Path) -> None:
     stem.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(stem.with_suffix(".safetensors")))
-    stem.with_suffix(".json").write_text(json.dumps(asdict(cfg), sort_keys=True, indent=2) + "\n")
+    stem.with_suffix(".json").write_text(json.dumps(asdict(cfg), sort_keys=True, indent=2, allow_nan=False) + "\n")
 
 
 def load_model(stem: Path) -> tuple[nn.Module, ModelConfig]:
     """Rebuild a model saved by :func:`save_model`."""
     stem = Path(stem)
-    cfg = ModelConfig(**json.loads(stem.with_suffix(".json").read_text()))
+    folder = stem.parent.parent  # models_out/models: <variant>/draw_XX.*
+    fix = f"`dvc checkout --force {folder}` restores it, `dvc repro train` retrains it."  # --force: over a changed file
+    config, weights = stem.with_suffix(".json"), stem.with_suffix(".safetensors")
+    for path in (config, weights):
+        if not path.is_file():
+            raise FileNotFoundError(f"model file {path} does not exist; {fix.replace(' --force', '')}")
+    try:
+        cfg = ModelConfig(**json.loads(config.read_text()))
+    except (ValueError, TypeError) as err:  # not JSON, or not a model's config
+        raise StageError(f"model config {config} is corrupt or truncated ({err}); {fix}") from None
     model = PairNet(cfg) if cfg.arch == "pair" else SiameseNet(cfg)
-    model.load_state_dict(load_file(str(stem.with_suffix(".safetensors"))))
+    try:
+        model.load_state_dict(load_file(str(weights)))
+    except (SafetensorError, RuntimeError) as err:  # unreadable, or weights of another shape
+        first = str(err).strip().splitlines()[0]
+        raise StageError(f"model weights {weights} are corrupt or truncated ({first}); {fix}") from None
     return model.eval(), cfg

@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from digitpairs.core import numerics
 from digitpairs.core.io import StageError
-from digitpairs.data.pairs import Draw, draw_path, load_draw
+from digitpairs.data.pairs import Draw, draw_path, existing_draw, load_draw
 from digitpairs.training.trials import Outcome, Trial, run_trial
 
 ENGINES = ("loop", "lockstep")
@@ -111,6 +111,10 @@ def _init_worker(threads: int) -> None:
     # Ctrl-C reaches the whole process group: the parent alone handles it (and stops the workers),
     # so the terminal shows its one line, not a traceback per worker
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # the stage's own handling of SIGTERM and SIGHUP (stages/__init__.py, which a spawned worker imports
+    # again as its main module) is the parent's: a worker dies on them, as terminate() expects
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_DFL)
     try:
         ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     except (AttributeError, OSError):
@@ -183,13 +187,18 @@ class Checkpoint:
             tmp.replace(self.path)
 
     def add(self, row: dict) -> None:
-        """Record one finished trial durably (one write, flushed and fsynced before returning)."""
+        """Record one finished trial durably (one write, flushed and fsynced before returning). Signals
+        wait until the line is written and counted, so an interrupt reports exactly what the file holds."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path, "a") as f:
-            f.write(json.dumps({"row": row, "sha": _sha(row)}, sort_keys=True) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        self.done[row["key"]] = row
+        held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM, signal.SIGHUP})
+        try:
+            with open(self.path, "a") as f:
+                f.write(json.dumps({"row": row, "sha": _sha(row)}, sort_keys=True, allow_nan=False) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+            self.done[row["key"]] = row
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, held)
 
 
 def _sha(row: dict) -> str:
@@ -238,7 +247,7 @@ def run_trials(
         """A checkpoint entry is valid only for the same trial, data, engine, device, threads, code and
         numeric settings (pins, library versions: :func:`numerics.fingerprint`)."""
         if t.draw not in digests:
-            digests[t.draw] = sha256(draw_path(Path(pairs_dir), t.draw).read_bytes()).hexdigest()[:16]
+            digests[t.draw] = sha256(existing_draw(draw_path(Path(pairs_dir), t.draw)).read_bytes()).hexdigest()[:16]
         return f"{t.key()}-{digests[t.draw]}-{engine}-{device}-t{threads}-{code_digest()}-{numerics.digest(device)}"
 
     by_key: dict[str, Outcome] = {}

@@ -1,0 +1,265 @@
+"""What a failure leaves behind, on one tiny finished pipeline (real MNIST, real dvc), copied per test.
+
+- Every kind of stage (data: pairs; training: cv@pair; evaluate; findings; figures), given a truncated
+  or garbage input under `dvc repro -s`, ends with one line naming the failure, the file and the command
+  that fixes it, no traceback, a non-zero status, and every output byte-identical to before (DVC deleted
+  them before the command; the stage puts them back from the cache, hash-checked).
+- Ctrl-C (SIGINT to the process group, as a terminal sends it) and SIGTERM (to the stage) under
+  `dvc repro -s cv@pair` do the same, with exit status 130 / 143; checkpoints are kept.
+- A missing data/pairs names the fix (`dvc repro pairs`), also when run by hand.
+- Every JSON file the pipeline writes is strict JSON, on a grid with one value per switch (TINY), where
+  the switch effects have no pairs: ``null`` with ``n`` 0, not NaN.
+- `scripts/verify.py` never reports an output it did not recompute as matching, fails on a tampered
+  uncommitted dvc.lock, and removes its temporary clone on every exit unless --keep.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.e2e import OUTPUT_DIRS, copy_repo, dvc, env, ran, set_params, sh, snapshot
+
+pytestmark = pytest.mark.slow
+
+
+def copy(repo: Path, tmp_path: Path) -> Path:
+    return copy_repo(repo, tmp_path / "repo")
+
+
+def truncate(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 3])
+
+
+def garbage(path: Path) -> None:
+    path.write_bytes(b"\x00\x01not a safetensors file" * 10)
+
+
+# stage, the input broken, how, what the one line must name (file) and suggest (command)
+BROKEN = [
+    ("pairs", "data/mnist/MNIST/raw/train-images-idx3-ubyte", truncate, "dvc checkout --force data/mnist"),
+    ("cv@pair", "data/pairs/draw_00.safetensors", truncate, "dvc checkout --force data/pairs"),
+    ("evaluate", "models_out/models/pair/draw_00.safetensors", garbage, "dvc checkout --force models_out/models"),
+    ("findings", "data/controls.csv", truncate, "dvc checkout --force data/controls.csv"),
+    ("figures", "data/grad_norms.csv", truncate, "dvc checkout --force data/grad_norms.csv"),
+]
+
+
+@pytest.mark.parametrize("stage,broken,how,fix", BROKEN, ids=[b[0] for b in BROKEN])
+def test_broken_input_under_repro_single_stage_restores_every_output(tiny_built, tmp_path, stage, broken, how, fix):
+    repo = copy(tiny_built, tmp_path)
+    before = snapshot(repo, skip=broken)
+    how(repo / broken)
+    cp = dvc(repo, "repro", "-s", stage, check=False)
+    log = cp.stdout + cp.stderr
+    assert cp.returncode != 0 and ran(log) == {stage}, log
+    assert "Traceback" not in log, log
+    errors = [line for line in log.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, log
+    assert broken in errors[0] and fix in errors[0] and "could not restore" not in errors[0], log
+    assert snapshot(repo, skip=broken) == before
+    assert not list(repo.rglob("*.partial")), "a half-written file was left"
+    git = sh(repo, "git", "status", "--porcelain").stdout
+    assert git == "", git  # the git-tracked metrics (evaluate, findings) are back too
+
+
+def stage_process(parent: int, name: str) -> int | None:
+    """The pid of a descendant of ``parent`` whose command line holds ``name``."""
+    children: dict[int, list[int]] = {}
+    cmdlines = {}
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            ppid = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            cmdlines[int(proc.name)] = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(proc.name))
+    todo = list(children.get(parent, []))
+    while todo:
+        pid = todo.pop()
+        if name in cmdlines.get(pid, "") and "python" in cmdlines[pid].split()[0]:
+            return pid
+        todo += children.get(pid, [])
+    return None
+
+
+def catches(pid: int, sig: int) -> bool:
+    """Whether process ``pid`` has a handler for ``sig`` (the SigCgt mask of /proc/<pid>/status)."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    mask = int(re.search(r"^SigCgt:\s*([0-9a-f]+)", status, re.M).group(1), 16)
+    return bool(mask >> (sig - 1) & 1)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_interrupted_stage_under_repro_single_stage_restores_its_outputs(tiny_built, tmp_path, sig):
+    """Ctrl-C reaches the whole foreground process group (DVC ignores it while its command runs);
+    SIGTERM goes to the stage alone, as a job manager's `kill` would. Both end the stage with one
+    `interrupted` line, exit status 128 + signal, outputs restored, checkpoints kept."""
+    repo = copy(tiny_built, tmp_path)
+    before = snapshot(repo)
+    ckpt = repo / "data/checkpoints/cv-pair.jsonl"
+    kept = ckpt.read_bytes()
+    set_params(repo, {"train": {"epochs": 3000}})  # long enough to be interrupted mid-training
+    proc = subprocess.Popen(
+        [str(Path(sys.executable).parent / "dvc"), "repro", "-s", "cv@pair"],
+        cwd=repo,
+        env=env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        start_new_session=True,  # its own process group, like a terminal's foreground job
+    )
+    log = []
+    for line in proc.stdout:
+        log.append(line)
+        if "cv@pair: resumed" in line:  # the stage is in its main(), training
+            break
+    time.sleep(1.0)
+    if sig == signal.SIGINT:
+        os.killpg(proc.pid, sig)
+    else:
+        pid = stage_process(proc.pid, "stages.cv")
+        assert pid, "".join(log)
+        os.kill(pid, sig)
+    out, _ = proc.communicate(timeout=120)
+    text = "".join(log) + out
+    assert proc.returncode != 0, text
+    assert "Traceback" not in text, text
+    lines = [line for line in text.splitlines() if line.startswith("interrupted")]
+    assert len(lines) == 1 and "cv@pair" in lines[0] and "dvc repro" in lines[0], text
+    assert "could not restore" not in lines[0], text
+    assert f"exited with {128 + sig}" in text, text
+    set_params(repo, {"train": {"epochs": 2}})
+    assert snapshot(repo) == before
+    assert ckpt.read_bytes().startswith(kept)  # checkpoints kept (and only ever appended to)
+    assert not list(repo.rglob("*.partial"))
+
+
+def test_sigterm_while_the_stage_is_still_importing_restores_too(tiny_built, tmp_path):
+    """The first second of a stage is Python importing torch and pandas: a signal then is noted
+    (stages/__init__.py) and acted on as soon as run_stage starts, not a traceback from an import."""
+    repo = copy(tiny_built, tmp_path)
+    before = snapshot(repo)
+    proc = subprocess.Popen(
+        [str(Path(sys.executable).parent / "dvc"), "repro", "-f", "-s", "evaluate"],
+        cwd=repo,
+        env=env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    pid, deadline = None, time.monotonic() + 60
+    while pid is None and proc.poll() is None and time.monotonic() < deadline:
+        pid = stage_process(proc.pid, "stages.evaluate")
+        time.sleep(0.02)
+    assert pid, "the stage never started"
+    while not catches(pid, signal.SIGTERM) and time.monotonic() < deadline:  # stages/__init__.py ran
+        time.sleep(0.005)
+    os.kill(pid, signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode != 0 and "Traceback" not in out, out
+    lines = [line for line in out.splitlines() if line.startswith("interrupted")]
+    assert len(lines) == 1 and lines[0].startswith("interrupted (SIGTERM): evaluate: "), out
+    assert "exited with 143" in out, out
+    assert snapshot(repo) == before
+    assert sh(repo, "git", "status", "--porcelain").stdout == ""  # metrics.json (git-tracked) back too
+
+
+def test_missing_pair_draws_name_the_fix(tiny_built, tmp_path):
+    """Run by hand, outside DVC: the checkpoint key used to read the draw before load_draw could say
+    what to do; now the first read says it."""
+    repo = copy(tiny_built, tmp_path)
+    shutil.move(repo / "data/pairs", tmp_path / "pairs-away")
+    cp = sh(repo, sys.executable, "-m", "stages.cv", "pair", check=False)
+    assert cp.returncode == 1, cp.stderr
+    assert "Traceback" not in cp.stderr, cp.stderr
+    errors = [line for line in cp.stderr.splitlines() if line.startswith("error: ")]
+    assert errors == ["error: pair draw data/pairs/draw_00.safetensors does not exist; run `dvc repro pairs` first."], (
+        cp.stderr
+    )
+
+
+class NotStrict(ValueError):
+    pass
+
+
+def strict(text: str):
+    def refuse(constant: str):
+        raise NotStrict(f"{constant} is not JSON")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_every_json_written_is_strict_and_an_effect_without_pairs_is_null(tiny_built):
+    """TINY's grid has one value per switch: no on/off pairs for batch norm or skip connections."""
+    written = [
+        p for d in OUTPUT_DIRS for p in (tiny_built / d).rglob("*.json") if p.is_file() and "checkpoints" not in p.parts
+    ]
+    assert {"models_out/findings.json", "models_out/metrics.json"} <= {str(p.relative_to(tiny_built)) for p in written}
+    for path in written:
+        strict(path.read_text())  # raises on NaN / Infinity
+    claims = strict((tiny_built / "models_out/findings.json").read_text())["claims"]
+    for slug in ("batch_norm_pair", "skip_siamese-10"):
+        assert claims[slug]["n"] == 0 and claims[slug]["mean"] is None, claims[slug]
+    with pytest.raises(ValueError, match="NaN"):
+        from digitpairs.core.io import write_json
+
+        write_json({"mean": float("nan")}, tiny_built.parent / "refused.json")
+    assert not (tiny_built.parent / "refused.json").exists()
+
+
+def verify(repo: Path, tmpdir: Path, *args: str) -> subprocess.CompletedProcess:
+    tmpdir.mkdir(exist_ok=True)
+    return sh(repo, sys.executable, str(repo / "scripts/verify.py"), *args, check=False, TMPDIR=str(tmpdir))
+
+
+def clones(tmpdir: Path) -> list[Path]:
+    """verify's temporary folders (other programs, torch's compiler cache, may write there too)."""
+    return list(tmpdir.glob("digitpairs-verify-*"))
+
+
+def test_verify_quick_reports_what_it_did_not_recompute_and_a_tampered_uncommitted_lock(tiny_built, tmp_path):
+    repo = copy(tiny_built, tmp_path)
+    lock_path = repo / "dvc.lock"
+    lock = yaml.safe_load(lock_path.read_text())
+    lock["stages"]["pairs"]["outs"][0]["md5"] = "0" * 32 + ".dir"
+    lock_path.write_text(yaml.safe_dump(lock, sort_keys=False))  # left uncommitted
+    tmpdir = tmp_path / "tmp"
+    cp = verify(repo, tmpdir, "--quick")
+    out = cp.stdout
+    assert cp.returncode == 1, out + cp.stderr
+    assert re.search(r"^match +data/pairs \(pairs\)", out, re.M), out  # the commit's entry is right
+    for path in ("models_out/metrics.json", "models_out/models", "data/cv/pair.csv", "plots"):
+        assert re.search(rf"^not recomputed +{re.escape(path)} \(", out, re.M), out
+    assert not re.search(r"^match +(models_out|data/cv|plots)", out, re.M), out
+    assert not re.search(r"^all \d+ outputs match", out, re.M), out
+    assert re.search(r"^3 of \d+ outputs recomputed: 3 match, 0 differ, \d+ not recomputed", out, re.M), out
+    assert "not verified: the working tree's dvc.lock differs from the commit for 1 output(s) (data/pairs)" in out
+    assert not clones(tmpdir), "the temporary clone was left behind"
+
+
+def test_verify_removes_its_clone_on_failure_unless_kept(tiny_built, tmp_path):
+    tmpdir = tmp_path / "tmp"
+    cp = verify(tiny_built, tmpdir, "no-such-stage")
+    assert cp.returncode == 1, cp.stdout + cp.stderr
+    assert "removed; --keep keeps it" in cp.stderr, cp.stderr
+    assert not clones(tmpdir)
+    cp = verify(tiny_built, tmpdir, "--keep", "no-such-stage")
+    assert cp.returncode == 1, cp.stdout + cp.stderr
+    kept = re.search(r"clone kept in (\S+)", cp.stderr)
+    assert kept and Path(kept.group(1)).is_dir(), cp.stderr
+    shutil.rmtree(Path(kept.group(1)).parent)
