@@ -287,7 +287,8 @@ def cluster_failures_block() -> str:
             "| --- | --- |",
             f"| a worker node SIGKILLed while it trained ({w['trials_recorded']} of {w['trials']} trials recorded) | "
             "Ray retried its task on the other node; the next trial was recorded "
-            f"{span(w['next_trial_s'])} s after the kill, the stage ended {span(w['stage_done_s'])} s after it ({c['runs']} runs); outputs byte-identical, "
+            f"{span(w['next_trial_s'])} s after the kill, the stage ended {span(w['stage_done_s'])} s after it "
+            f"({c['runs']} runs); outputs byte-identical, "
             f"{w['trials']} checkpoint rows for {w['trials']} trials |",
             f"| the head SIGKILLed ({stopped_at} trials checkpointed when the stage stopped) | "
             f"the stage exited {span(h['stage_exit_s'])} s after the kill; the rerun on a new cluster (nodes up in "
@@ -308,8 +309,8 @@ def cluster_cost_block() -> str:
         "then on the cluster, back to back. With the machine least loaded (load average about "
         f"{cost['load_average']}): {cost['local_s']:g} s local, {cost['cluster_s']:g} s on the cluster, so about "
         f"**{(cost['cluster_s'] - cost['local_s']) / n:+.1f} s per trial** at this size, most of it fixed per run. "
-        f"Under heavier load the same pair measured {loaded} (local / cluster): the difference is then below the noise "
-        f"of a shared machine. Starting the three nodes took {span(c['nodes_start_s'])} s. A local Ray instance "
+        f"Under heavier load the same pair measured {loaded} (local / cluster): the difference is then below the "
+        f"noise of a shared machine. Starting the three nodes took {span(c['nodes_start_s'])} s. A local Ray instance "
         f"(`tests/test_ray.py`, {lr['trials']} small trials) measured {lr['ray']} ms per trial against {lr['local']} ms "
         "with the local executor."
     )
