@@ -311,8 +311,8 @@ def cluster_cost_block() -> str:
         f"**{(cost['cluster_s'] - cost['local_s']) / n:+.1f} s per trial** at this size, most of it fixed per run. "
         f"Under heavier load the same pair measured {loaded} (local / cluster): the difference is then below the "
         f"noise of a shared machine. Starting the three nodes took {span(c['nodes_start_s'])} s. A local Ray instance "
-        f"(`tests/test_ray.py`, {lr['trials']} small trials) measured {lr['ray']} ms per trial against {lr['local']} ms "
-        "with the local executor."
+        f"(`tests/test_ray.py`, {lr['trials']} small trials) measured {lr['ray']} ms per trial against "
+        f"{lr['local']} ms with the local executor."
     )
 
 
