@@ -136,6 +136,13 @@ class Cluster:
         self.nodes.pop(name).wait()
         return t
 
+    def start(self) -> Cluster:
+        """The test's layout: a head without CPUs (it schedules, stores the draws) and two 1-CPU workers."""
+        self.head()
+        self.worker(1)
+        self.worker(2)
+        return self
+
     def stop(self) -> None:
         for name in list(self.nodes):
             self.kill(name)
@@ -312,13 +319,10 @@ def main(repo: Path, work: Path, report_path: Path) -> None:
     }
     clusters = []
     try:
-        # Layout: a head without CPUs (it schedules, stores the draws) and two 1-CPU worker nodes.
         t = time.monotonic()
         c = Cluster(work, 6400)
         clusters.append(c)
-        c.head()
-        c.worker(1)
-        c.worker(2)
+        c.start()
         report["start"] = run_probe(c, 2, driver)
         report["start"]["seconds"] = round(time.monotonic() - t, 1)
         report["start"]["listening"] = listening()
@@ -371,9 +375,7 @@ def main(repo: Path, work: Path, report_path: Path) -> None:
         t = time.monotonic()
         c = Cluster(work, 7400)
         clusters.append(c)
-        c.head()
-        c.worker(1)
-        c.worker(2)
+        c.start()
         report["restart_seconds"] = round(time.monotonic() - t, 1)
         report["rerun"] = Stage(repo, {**driver, "RAY_ADDRESS": c.address}, fresh=False).finish()
         save()
