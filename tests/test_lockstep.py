@@ -289,7 +289,9 @@ def test_recipe_additions_match_per_model_loop(draws, arch, addition):
         ref = run_trial(trial, draws[trial.draw])
         for key, value in ref.state.items():
             if not key.endswith("num_batches_tracked"):
-                assert_close(value, out.state[key], 1e-4, key)
+                # 3e-4: a batch-norm bias starts at 0 and, at these lrs, ends near 6e-3, so the float32
+                # rounding momentum accumulates over an epoch (about 1e-6) is 1e-4 of its largest entry
+                assert_close(value, out.state[key], 3e-4, key)
         assert out.result.epoch_loss == pytest.approx(ref.result.epoch_loss, rel=1e-5)
 
 

@@ -82,7 +82,9 @@ def test_editing_a_train_value_reruns_only_what_it_invalidates(tiny_repo):
     log = dvc(repo, "repro").stdout
     assert {"train", "evaluate"} <= ran(log)
     assert not ran(log) & UPSTREAM_OF_TRAIN
-    assert "models_out/metrics.json" in dvc(repo, "metrics", "diff", "--all").stdout
+    assert "models_out/test_accuracy.json" in dvc(repo, "metrics", "diff", "--all").stdout
+    detail = dvc(repo, "metrics", "diff", "--all", "--targets", "models_out/metrics.json").stdout
+    assert "models_out/metrics.json" in detail and "accuracy_std" in detail
 
 
 def test_bad_param_stops_before_work_and_keeps_outputs(tiny_repo):
