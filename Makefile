@@ -57,4 +57,4 @@ lint: install
 	$(PY) -m ruff format --check .
 
 test: install testdeps lint
-	$(PY) -m pytest -q -rs
+	$(PY) -m pytest -q -rs --durations=20
