@@ -5,7 +5,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: install browser qemu testdeps repro faithful verify verify-quick plots test lint
+.PHONY: install browser qemu testdeps repro faithful verify verify-quick plots test test-all lint
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt pyproject.toml
 	python3 -m venv $(VENV)
@@ -56,5 +56,14 @@ lint: install
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 
-test: install testdeps lint
-	$(PY) -m pytest -q -rs --durations=20
+# The tests run in parallel, one module per worker (JOBS workers); `make test` leaves out the `system`
+# tests (the same results elsewhere: emulated CPUs, Ray, the GPU machine's procedure, a full
+# recompute), `make test-all` runs everything, as CI does.
+JOBS   ?= 2
+PYTEST := $(PY) -m pytest -q -rs --durations=20 -n $(JOBS) --dist loadfile --no-loadscope-reorder
+
+test: install browser lint
+	$(PYTEST) -m "not system"
+
+test-all: install testdeps lint
+	$(PYTEST)

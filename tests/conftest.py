@@ -74,9 +74,22 @@ def tiny_built(tmp_path_factory, shared_mnist) -> Path:
     would), `git add -A && git commit`. Built once per test run and shared: tests must not change it
     (take ``tiny_repo`` for that). ``e2e.build_log(repo)`` is its build's `dvc repro` output,
     ``e2e.build_status(repo)`` the git status the build left before the commit."""
+    from filelock import FileLock
+
     from tests.e2e import build_tiny
 
-    return build_tiny(tmp_path_factory.mktemp("tiny") / "repo")
+    # under pytest-xdist every worker has its own basetemp below one shared folder: the first worker to
+    # ask builds the pipeline there, the others wait for it and share it
+    shared = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        shared = shared.parent
+    repo, done = shared / "tiny" / "repo", shared / "tiny" / "built"
+    with FileLock(str(shared / "tiny.lock")):
+        if not done.exists():
+            repo.parent.mkdir(exist_ok=True)
+            build_tiny(repo)
+            done.touch()
+    return repo
 
 
 @pytest.fixture
@@ -85,3 +98,15 @@ def tiny_repo(tmp_path_factory, tiny_built) -> Path:
     from tests.e2e import copy_repo
 
     return copy_repo(tiny_built, tmp_path_factory.mktemp("tiny-copy") / "repo")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Order the modules for `pytest -n N --dist loadfile --no-loadscope-reorder`: one module that needs
+    the tiny pipeline first (its worker builds it), then every module that needs none (the other workers
+    run them meanwhile instead of waiting), then the rest."""
+    needs = {}
+    for item in items:
+        needs[item.path] = needs.get(item.path, False) or "tiny_built" in item.fixturenames
+    first = next((path for path, n in needs.items() if n), None)
+    rank = {path: 0 if path == first else (2 if n else 1) for path, n in needs.items()}
+    items.sort(key=lambda item: rank[item.path])  # stable: each module's own order is kept

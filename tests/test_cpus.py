@@ -23,7 +23,7 @@ from digitpairs.core import numerics
 from digitpairs.data.pairs import draw_path, make_draw, save_draw
 from tests.e2e import REPO
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.system]
 QEMU = shutil.which("qemu-x86_64")
 MODELS = ["Haswell", "EPYC"]
 

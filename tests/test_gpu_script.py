@@ -13,7 +13,7 @@ import pytest
 from tests.conftest import SHARED_MNIST
 from tests.e2e import REPO
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.system]
 
 
 def run(tmp_path, out: str) -> subprocess.CompletedProcess:

@@ -13,7 +13,7 @@ from digitpairs.training.study import cv_table, cv_trials
 from tests.test_runner import PARAMS, pairs_dir  # noqa: F401  (fixture)
 
 ray = pytest.importorskip("ray")
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.system]
 
 GRID = {**PARAMS, "cv": {**PARAMS["cv"], "lr": [0.05, 0.1, 0.2, 0.5], "batch_norm": [True, False]}}
 HOME_TOKEN = Path.home() / ".ray" / "auth_token"

@@ -20,7 +20,7 @@ from digitpairs.core import numerics
 from tests.e2e import REPO, TINY, clone, dvc, env
 
 pytest.importorskip("ray")
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.system]
 
 # Eight trials of one model each (loop engine), long enough to kill a node while they run.
 GRID = {**TINY, "train": {**TINY["train"], "engine": "loop", "epochs": 5}}
@@ -134,7 +134,7 @@ def test_a_killed_head_stops_the_stage_with_one_line_and_the_rerun_resumes(clust
 def test_a_closed_port_fails_fast_with_one_line(cluster_run):
     _, r = cluster_run
     c = r["closed_port"]
-    assert c["rc"] != 0 and c["seconds"] < 30
+    assert c["rc"] != 0 and c["seconds"] < 60  # Ray by itself retries for over 10 minutes
     (line,) = error_lines(c["stderr"])
     assert f"RAY_ADDRESS={c['address']}: nothing answers" in line
 

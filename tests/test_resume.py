@@ -23,7 +23,7 @@ GRID = {
     **TINY,
     # the loop engine records trials one by one, so a signal reliably lands mid-run (lockstep
     # records whole groups at once and can finish this small grid before the signal arrives)
-    "train": {"epochs": 8, "engine": "loop"},
+    "train": {"epochs": 4, "engine": "loop"},
     "cv": {**TINY["cv"], "batch_norm": [True, False], "skip_connections": [True, False], "lr": [0.05, 0.1, 0.2, 0.5]},
 }
 N = 16  # pair trials in GRID

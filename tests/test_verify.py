@@ -12,7 +12,7 @@ import yaml
 
 from tests.e2e import sh
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.system]
 
 # What an AVX2-only CPU would present to the libraries, set from outside (MKL's own instruction cap,
 # PyTorch's dispatch cap, oneDNN's ISA cap): on an AVX-512 machine, unpinned, this changes every
