@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from digitpairs.data import mnist
-from digitpairs.data.pairs import draw_path, load_draw, make_draw, save_draw
+from digitpairs.data.pairs import draw_path, load_draw, write_draws
 from digitpairs.training.lockstep import run_lockstep
 from digitpairs.training.models import ModelConfig
 from digitpairs.training.runner import run_trials
@@ -125,8 +125,7 @@ def main() -> None:
         root = mnist.download(Path(tmp) / "mnist")
         splits = (*mnist.load(root, train=True), *mnist.load(root, train=False))
         pairs = Path(tmp) / "pairs"
-        for d in range(4):
-            save_draw(*make_draw(*splits, seed=1, draw=d), draw_path(pairs, d))
+        write_draws(splits, pairs, n_draws=4, seed=1)
         torch.set_num_threads(cores)
         peak = matmul_flops()
         print(f"matmul peak ({cores} threads, 2048^3 float32): {peak / 1e9:.1f} GFLOP/s")

@@ -44,13 +44,13 @@ import torch  # noqa: E402
 import digitpairs  # noqa: E402,F401  (numeric pins before torch computes)
 from benchmarks.lockstep import trial_flops  # noqa: E402
 from digitpairs.core import numerics, params  # noqa: E402
-from digitpairs.core.io import finite_or_null, write_csv, write_json  # noqa: E402
+from digitpairs.core.io import finite_or_null, read_cv_tables, replacing, write_csv, write_json  # noqa: E402
+from digitpairs.core.variants import GRID_ARCHS, variant_score  # noqa: E402
 
 # the study's three variants, those of the grid (siamese-plus has its own stage, `recipe`)
 from digitpairs.core.variants import STUDY_VARIANTS as VARIANTS  # noqa: E402
-from digitpairs.core.variants import variant_score  # noqa: E402
 from digitpairs.data import mnist  # noqa: E402
-from digitpairs.data.pairs import draw_path, load_draw, make_draw, save_draw  # noqa: E402
+from digitpairs.data.pairs import draw_path, load_draw, write_draws  # noqa: E402
 from digitpairs.training import lockstep, study  # noqa: E402
 from digitpairs.training.models import ModelConfig  # noqa: E402
 from digitpairs.training.runner import Checkpoint, run_trials  # noqa: E402
@@ -126,12 +126,10 @@ def snapshot(state: Path, stop: threading.Event) -> None:
 
 def pack(folder: Path, dest: Path, arcname: str, pattern: str = "**/*") -> None:
     """``folder``'s files matching ``pattern`` as a .tar.gz (written, then renamed: never torn)."""
-    tmp = dest.with_name(dest.name + ".partial")
-    with tarfile.open(tmp, "w:gz") as tar:
+    with replacing(dest) as tmp, tarfile.open(tmp, "w:gz") as tar:
         for f in sorted(folder.glob(pattern)):
             if f.is_file() and not f.name.endswith(".partial"):
                 tar.add(f, arcname=f"{arcname}/{f.relative_to(folder)}")
-    tmp.replace(dest)
 
 
 def cuda_time(fn, reps: int = 1) -> float:
@@ -211,11 +209,7 @@ def run(args: argparse.Namespace) -> None:
     os.environ[mnist.MIRROR_ENV] = str(Path(args.mnist).resolve())
     root = mnist.download(state / "mnist")
     splits = (*mnist.load(root, train=True), *mnist.load(root, train=False))
-    for d in range(p["data"]["n_draws"]):
-        if not draw_path(pairs, d).exists():
-            save_draw(
-                *make_draw(*splits, seed=p["data"]["seed"], draw=d, n_pairs=p["data"]["n_pairs"]), draw_path(pairs, d)
-            )
+    write_draws(splits, pairs, p["data"]["n_draws"], p["data"]["seed"], p["data"]["n_pairs"])
     prov["draw_sha256"] = [sha256(draw_path(pairs, d).read_bytes()).hexdigest() for d in range(p["data"]["n_draws"])]
     log(f"draws ready; draw 0 sha256 {prov['draw_sha256'][0][:16]}")
     fp = (
@@ -246,7 +240,7 @@ def run(args: argparse.Namespace) -> None:
             log(smoke.stderr[-1500:])
     phase("environment_and_draws", t)
 
-    trials = {arch: study.cv_trials(arch, p) for arch in ("pair", "siamese")}
+    trials = {arch: study.cv_trials(arch, p) for arch in GRID_ARCHS}
     total = sum(len(v) for v in trials.values())
     ckpt = state / "cv.jsonl"  # one record of every grid trial, whichever phase trained it
     workers = args.workers
@@ -553,7 +547,7 @@ def publish(args: argparse.Namespace) -> None:
     shutil.rmtree(dest, ignore_errors=True)
     (dest / "cv").mkdir(parents=True)
     summary, frames = {}, []
-    for arch in ("pair", "siamese"):
+    for arch in GRID_ARCHS:
         grid = study.cv_trials(arch, p)
         outs = [by_key[t.key()] for t in grid if t.key() in by_key]
         table = study.cv_table(outs, p["cv"]["score_on"])
@@ -615,21 +609,20 @@ def publish(args: argparse.Namespace) -> None:
         )
     }
     provenance["grid"] = {
-        "complete": all(summary[a]["missing"] == 0 for a in ("pair", "siamese")),
+        "complete": all(summary[a]["missing"] == 0 for a in GRID_ARCHS),
         "trainings_finished": finished,
         "trainings_total": summary["pair"]["trainings"] + summary["siamese"]["trainings"],
         "wall_s": round(grid_s, 1),
         "trainings_per_s": round(finished / grid_s, 1),
         "per_arch": {
-            a: {k: v for k, v in summary[a].items() if k != "selected_over_complete_combinations"}
-            for a in ("pair", "siamese")
+            a: {k: v for k, v in summary[a].items() if k != "selected_over_complete_combinations"} for a in GRID_ARCHS
         },
         "runs": run_walls,
     }
     provenance["params"]["train"]["device"] = "cuda"
-    default = pd.concat([pd.read_csv(Path(args.default_cv) / f"{a}.csv") for a in ("pair", "siamese")])
+    default = read_cv_tables(Path(args.default_cv))
     write_json(finite_or_null(comparison(default, cv)), dest / "comparison.json")
-    provenance["selected"] = {a: summary[a]["selected_over_complete_combinations"] for a in ("pair", "siamese")}
+    provenance["selected"] = {a: summary[a]["selected_over_complete_combinations"] for a in GRID_ARCHS}
     write_json(finite_or_null(provenance), dest / "provenance.json")
     print(json.dumps(provenance["grid"], indent=1)[:3000])
 

@@ -3,15 +3,13 @@
 configuration selected the original's way (on test pairs) on the draws cross-validation never saw.
 """
 
-import pandas as pd
-
-from digitpairs.core.io import run_stage, write_csv
+from digitpairs.core.io import read_cv_tables, run_stage, write_csv
 from digitpairs.core.paths import CHECKPOINTS, CONTROLS_CSV, CV_DIR
 from digitpairs.training.study import control_table, control_trials, read_selected, run, select_on_test
 
 
 def main(p: dict) -> None:
-    cv = pd.concat([pd.read_csv(CV_DIR / f"{arch}.csv") for arch in ("pair", "siamese")], ignore_index=True)
+    cv = read_cv_tables(CV_DIR)
     kinds, trials = control_trials(read_selected(CV_DIR), select_on_test(cv), p)
     outcomes = run(trials, p, p["cv"]["executor"], "controls", checkpoint=CHECKPOINTS / "controls.jsonl")
     write_csv(control_table(kinds, outcomes), CONTROLS_CSV)

@@ -5,16 +5,14 @@ import shutil
 from digitpairs.core.io import run_stage
 from digitpairs.core.paths import MNIST_DIR, PAIRS_DIR
 from digitpairs.data import mnist
-from digitpairs.data.pairs import draw_path, make_draw, save_draw
+from digitpairs.data.pairs import write_draws
 
 
 def main(p: dict) -> None:
     data = p["data"]
     splits = (*mnist.load(MNIST_DIR, train=True), *mnist.load(MNIST_DIR, train=False))
     shutil.rmtree(PAIRS_DIR, ignore_errors=True)
-    for draw in range(data["n_draws"]):
-        tensors, meta = make_draw(*splits, seed=data["seed"], draw=draw, n_pairs=data["n_pairs"])
-        save_draw(tensors, meta, draw_path(PAIRS_DIR, draw))
+    write_draws(splits, PAIRS_DIR, data["n_draws"], data["seed"], data["n_pairs"])
 
 
 if __name__ == "__main__":

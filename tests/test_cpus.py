@@ -20,7 +20,7 @@ import sys
 import pytest
 
 from digitpairs.core import numerics
-from digitpairs.data.pairs import draw_path, make_draw, save_draw
+from digitpairs.data.pairs import write_draws
 from tests.e2e import REPO
 
 pytestmark = [pytest.mark.slow, pytest.mark.system]
@@ -31,7 +31,7 @@ MODELS = ["Haswell", "EPYC"]
 @pytest.fixture(scope="module")
 def pairs_dir(tmp_path_factory, mnist_splits):
     folder = tmp_path_factory.mktemp("pairs")
-    save_draw(*make_draw(*mnist_splits, seed=1, draw=0), draw_path(folder, 0))
+    write_draws(mnist_splits, folder, n_draws=1, seed=1)
     return folder
 
 

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from digitpairs.core.variants import variant_score
-from digitpairs.data.pairs import draw_path, make_draw, save_draw
+from digitpairs.data.pairs import make_draw, write_draws
 from digitpairs.training import lockstep
 from digitpairs.training.lockstep import conv1_cols, group_trials, im2col, run_lockstep
 from digitpairs.training.runner import run_trials
@@ -154,8 +154,7 @@ def test_group_trials_groups_by_shape_and_respects_batch():
 
 
 def test_runner_lockstep_engine_matches_loop(tmp_path, mnist_splits):
-    for d in range(2):
-        save_draw(*make_draw(*mnist_splits, seed=1, draw=d), draw_path(tmp_path, d))
+    write_draws(mnist_splits, tmp_path, n_draws=2, seed=1)
     cfg = TrainConfig(lr=0.03, epochs=1)
     trials = [make_trial(v, TINY, cfg, draw=d, seed=1) for v in ("pair", "siamese-2", "siamese-10") for d in (0, 1)]
     lock = run_trials(trials, tmp_path, engine="lockstep", workers=1, batch=3, keep_state=True)

@@ -10,7 +10,7 @@ from dataclasses import replace
 
 import pytest
 
-from digitpairs.data.pairs import draw_path, make_draw, save_draw
+from digitpairs.data.pairs import write_draws
 from digitpairs.training.runner import Checkpoint, run_trials
 from digitpairs.training.study import cv_trials
 
@@ -33,9 +33,7 @@ PARAMS = {
 def pairs_dir(tmp_path_factory, mnist_splits):
     """Two small draws (200 pairs per split) on disk, as the pairs stage writes them."""
     folder = tmp_path_factory.mktemp("pairs")
-    for d in range(2):
-        tensors, meta = make_draw(*mnist_splits, seed=1, draw=d, n_pairs=200)
-        save_draw(tensors, meta, draw_path(folder, d))
+    write_draws(mnist_splits, folder, n_draws=2, seed=1, n_pairs=200)
     return folder
 
 

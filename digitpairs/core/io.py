@@ -11,13 +11,15 @@ import signal
 import subprocess
 import sys
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import NoReturn
 
 import pandas as pd
 
 from digitpairs.core import params as params_module
+from digitpairs.core.variants import GRID_ARCHS
 
 
 class StageError(RuntimeError):
@@ -26,16 +28,26 @@ class StageError(RuntimeError):
     runs, imports nothing from the data, training or report code."""
 
 
-def _atomic_write(path: Path, data: str | bytes) -> None:
-    """Write under a temporary name, then rename: a reader never sees half a file."""
+@contextmanager
+def replacing(path: Path) -> Iterator[Path]:
+    """A temporary name beside ``path`` for the block to write; renamed to ``path`` if the block ends
+    without an error, removed if not: a reader (DVC, the next stage) never sees half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".partial")
-    if isinstance(data, bytes):
-        tmp.write_bytes(data)
-    else:
-        tmp.write_text(data)
-    tmp.replace(path)
+    try:
+        yield tmp
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _atomic_write(path: Path, data: str | bytes) -> None:
+    with replacing(path) as tmp:
+        if isinstance(data, bytes):
+            tmp.write_bytes(data)
+        else:
+            tmp.write_text(data)
 
 
 def write_json(obj: object, path: Path) -> None:
@@ -67,6 +79,12 @@ def write_csv(df: pd.DataFrame, path: Path) -> None:
     _atomic_write(path, df.to_csv(index=False, lineterminator="\n"))
 
 
+def read_cv_tables(cv_dir: Path, read: Callable[[Path], pd.DataFrame] = pd.read_csv) -> pd.DataFrame:
+    """The cross-validation tables of every grid architecture (``cv_dir/<arch>.csv``) as one table,
+    each read by ``read`` (a reader that checks the columns, for example)."""
+    return pd.concat([read(Path(cv_dir) / f"{arch}.csv") for arch in GRID_ARCHS], ignore_index=True)
+
+
 def _md5(path: Path) -> str:
     return hashlib.md5(path.read_bytes()).hexdigest()
 
@@ -75,10 +93,8 @@ def _put(src: Path, dest: Path, md5: str) -> None:
     """Copy a cached object into place, checked against its recorded hash, via a temporary name."""
     if _md5(src) != md5:
         raise FileNotFoundError(f"{src} does not hold {md5}")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(dest.name + ".partial")
-    shutil.copyfile(src, tmp)
-    tmp.replace(dest)
+    with replacing(dest) as tmp:
+        shutil.copyfile(src, tmp)
 
 
 def _lock_stages() -> dict:

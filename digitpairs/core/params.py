@@ -123,8 +123,11 @@ def _list_of(item_check: Check) -> Check:
     return check
 
 
-ENGINE = _choice("lockstep", "loop")
-EXECUTOR = _choice("local", "ray")
+ENGINES = ("lockstep", "loop")  # train.engine (digitpairs.training.runner)
+EXECUTORS = ("local", "ray")  # cv/loss_weights/recipe/train.executor
+ERROR_BARS = ("group", "grid")  # figures.error_bars: ours (n = the group's size) or the original's
+ENGINE = _choice(*ENGINES)
+EXECUTOR = _choice(*EXECUTORS)
 WIDTH = _list_of(_int(1, MAX_WIDTH))
 GRID_CHECKS: dict[str, Check] = {
     "nbch1": WIDTH,
@@ -176,7 +179,7 @@ SCHEMA: dict[str, dict[str, Check]] = {
         "label_smoothing": _fraction,
         "shift": _int(0, 4),
     },
-    "figures": {"dpi": _int(*DPI_RANGE), "error_bars": _choice("group", "grid")},
+    "figures": {"dpi": _int(*DPI_RANGE), "error_bars": _choice(*ERROR_BARS)},
 }
 
 

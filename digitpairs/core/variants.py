@@ -37,6 +37,8 @@ VARIANTS = {
 # siamese-plus's ablation: the row of the full recipe, and the row of none of its additions
 ALL_ADDITIONS, NO_ADDITIONS = "all additions", "none (the study's SGD)"
 STUDY_VARIANTS = tuple(v.name for v in VARIANTS.values() if v.in_grid)
+# the architectures of the grid, one cross-validation stage and table each (cv@pair, cv@siamese)
+GRID_ARCHS = tuple(dict.fromkeys(v.arch for v in VARIANTS.values() if v.in_grid))
 
 
 def variants_of(arch: str) -> list[Variant]:

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from digitpairs.core.io import StageError
+from digitpairs.core.io import StageError, replacing
 from digitpairs.core.params import images_needed
 from digitpairs.core.seeding import generator
 
@@ -87,15 +87,19 @@ def make_draw(
     return out, meta
 
 
+def write_draws(splits: tuple[torch.Tensor, ...], folder: Path, n_draws: int, seed: int, n_pairs: int = 1000) -> None:
+    """Draws 0 to ``n_draws - 1`` of ``seed`` into ``folder``, as the pairs stage writes them: the one
+    loop that turns MNIST ``splits`` (train images, labels, test images, labels) into draw files."""
+    for draw in range(n_draws):
+        save_draw(*make_draw(*splits, seed=seed, draw=draw, n_pairs=n_pairs), draw_path(folder, draw))
+
+
 def save_draw(tensors: Draw, meta: dict[str, str], path: Path) -> None:
     """Write a draw atomically (temp file then rename), so a crash never leaves a torn file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".partial")
     # one metadata entry: safetensors writes a metadata map in hash order, which would make the
     # bytes (and so DVC's hash) differ between identical runs
-    save_file(tensors, str(tmp), metadata={"draw": json.dumps(meta, sort_keys=True)})
-    tmp.replace(path)
+    with replacing(path) as tmp:
+        save_file(tensors, str(tmp), metadata={"draw": json.dumps(meta, sort_keys=True)})
 
 
 def existing_draw(path: Path) -> Path:

@@ -22,8 +22,9 @@ import pandas as pd  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from digitpairs.core.io import write_csv  # noqa: E402
-from digitpairs.core.params import DPI_RANGE, GRID_KEYS  # noqa: E402
+from digitpairs.core.io import read_cv_tables, replacing, write_csv  # noqa: E402
+from digitpairs.core.params import GRID_KEYS  # noqa: E402
+from digitpairs.core.paths import CV_DIR  # noqa: E402
 from digitpairs.core.stats import group_error, mean_std  # noqa: E402
 from digitpairs.core.variants import VARIANTS as ALL_VARIANTS  # noqa: E402
 from digitpairs.report.findings import CLAIMS  # noqa: E402
@@ -120,9 +121,6 @@ def _label(keys: tuple[str, ...], value: tuple) -> str:
     if keys == ("batch_norm", "skip_connections"):
         return f"BN {'on' if value[0] else 'off'}, skip {'on' if value[1] else 'off'}"
     return f"{value[0]:g}"
-
-
-ERROR_BARS = ("group", "grid")  # figures.error_bars: ours (n = the group's size) or the original's
 
 
 def cv_table(cv: pd.DataFrame, keys: tuple[str, ...], error_bars: str = "group") -> pd.DataFrame:
@@ -432,12 +430,12 @@ SVG_SALT = "digitpairs"  # fixed ids in SVGs, so reruns give identical bytes
 
 def save(fig: Figure, out: Path, name: str, dpi: int) -> None:
     """PNG and SVG of ``fig`` without timestamps or version stamps, each written to a temp name then renamed."""
-    out.mkdir(parents=True, exist_ok=True)
     for ext, metadata in (("png", {"Software": None}), ("svg", {"Date": None, "Creator": None})):
-        tmp = out / f".{name}.{ext}.partial"
-        with matplotlib.rc_context({"svg.hashsalt": SVG_SALT, "svg.fonttype": "path"}):
+        with (
+            replacing(out / f"{name}.{ext}") as tmp,
+            matplotlib.rc_context({"svg.hashsalt": SVG_SALT, "svg.fonttype": "path"}),
+        ):
             fig.savefig(tmp, format=ext, dpi=dpi, metadata=metadata)
-        tmp.replace(out / f"{name}.{ext}")
     plt.close(fig)
 
 
@@ -445,22 +443,14 @@ HEADLINE = "findings"  # the figure the README shows: every tested claim at a gl
 
 
 def make_all(root: Path, out: Path, dpi: int, error_bars: str = "group", headline: Path | None = None) -> list[Path]:
-    """Read and check every input under ``root``, then write the ten figures and the tidy CSVs to ``out``;
-    with ``headline``, also a byte-for-byte copy of ``out/findings.png`` there (the README's figure, in git)."""
-    cv_paths = [root / "data/cv/pair.csv", root / "data/cv/siamese.csv"]
-    cv = pd.concat([read_csv(p, CV_COLUMNS) for p in cv_paths], ignore_index=True)
+    """Read and check every input file under ``root``, then write the ten figures and the tidy CSVs to
+    ``out``; with ``headline``, also a byte-for-byte copy of ``out/findings.png`` there (the README's
+    figure, in git). ``dpi`` and ``error_bars`` are params, checked with the rest (core.params)."""
+    cv = read_cv_tables(root / CV_DIR, lambda path: read_csv(path, CV_COLUMNS))
     lw = read_csv(root / "data/loss_weights.csv", LOSS_COLUMNS)
     grad = read_csv(root / "data/grad_norms.csv", GRAD_COLUMNS)
     metrics = read_metrics(root / "models_out/metrics.json")
     claims = read_findings(root / "models_out/findings.json")
-    low, high = DPI_RANGE
-    if not isinstance(dpi, int) or isinstance(dpi, bool) or not low <= dpi <= high:
-        raise FigureInputError(f"params.yaml: figures.dpi must be an integer between {low} and {high}, got {dpi!r}")
-
-    if error_bars not in ERROR_BARS:
-        raise FigureInputError(
-            f"params.yaml: figures.error_bars must be one of {', '.join(ERROR_BARS)}, got {error_bars!r}"
-        )
     draws: dict[str, Callable[[], Figure]] = {name: (lambda n=name: draw_cv(cv, n, error_bars)) for name in CV_FIGURES}
     draws |= {name: (lambda v=v: draw_grad_norms(grad, v)) for name, v in GRAD_FIGURES.items()}
     draws |= {"loss_weights": lambda: draw_loss_weights(lw), "test_accuracy": lambda: draw_test_accuracy(metrics)}
@@ -477,10 +467,8 @@ def make_all(root: Path, out: Path, dpi: int, error_bars: str = "group", headlin
     write_csv(loss_weight_table(lw), out / "loss_weights.csv")
     write_csv(findings_table(claims), out / "findings.csv")
     if headline is not None:
-        headline.parent.mkdir(parents=True, exist_ok=True)
-        tmp = headline.with_name(f".{headline.name}.partial")
-        shutil.copyfile(out / f"{HEADLINE}.png", tmp)
-        tmp.replace(headline)
+        with replacing(headline) as tmp:
+            shutil.copyfile(out / f"{HEADLINE}.png", tmp)
     return [out / f"{n}.{e}" for n in FIGURES for e in ("png", "svg")]
 
 
@@ -494,8 +482,6 @@ def vendor_js(path: Path) -> Path:
 
     text = vl_convert.javascript_bundle(vl_version="5.21")
     if not path.is_file() or path.read_text(encoding="utf-8") != text:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".partial")
-        tmp.write_text(text, encoding="utf-8")
-        tmp.replace(path)
+        with replacing(path) as tmp:
+            tmp.write_text(text, encoding="utf-8")
     return path

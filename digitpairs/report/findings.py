@@ -12,7 +12,9 @@ from pathlib import Path
 
 import pandas as pd
 
+from digitpairs.core.io import read_cv_tables
 from digitpairs.core.params import GRID_KEYS
+from digitpairs.core.paths import CV_DIR
 from digitpairs.core.stats import holm, mean_std, paired, welch
 from digitpairs.core.variants import ALL_ADDITIONS, PLUS, STUDY_VARIANTS, VARIANTS
 
@@ -119,7 +121,7 @@ def ablation(table: pd.DataFrame) -> dict[str, dict]:
 def compute(root: Path) -> dict:
     """findings.json from the pipeline's files under ``root``."""
     root = Path(root)
-    cv = pd.concat([pd.read_csv(root / "data" / "cv" / f"{a}.csv") for a in ("pair", "siamese")], ignore_index=True)
+    cv = read_cv_tables(root / CV_DIR)
     scores = pd.read_csv(root / "models_out" / "test_scores.csv")
     controls = pd.read_csv(root / "data" / "controls.csv")
     table = pd.read_csv(root / "data" / "recipe" / "ablation.csv")

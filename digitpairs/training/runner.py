@@ -21,12 +21,11 @@ import torch
 from tqdm import tqdm
 
 from digitpairs.core import numerics
-from digitpairs.core.io import StageError
+from digitpairs.core.io import StageError, replacing
+from digitpairs.core.params import ENGINES, EXECUTORS
 from digitpairs.data.pairs import Draw, draw_path, existing_draw, load_draw
 from digitpairs.training.trials import Outcome, Trial, run_trial
 
-ENGINES = ("loop", "lockstep")
-EXECUTORS = ("local", "ray")
 # Source files whose code decides a trial's result: a checkpoint written by other code is stale.
 RESULT_CODE = (
     "training/models.py",
@@ -182,9 +181,8 @@ class Checkpoint:
         if bad or (text and not text.endswith("\n")):
             # Rewrite with the good lines only: the next append then starts on a fresh line
             # (a torn last line would otherwise swallow it), and the warning is not repeated.
-            tmp = self.path.with_name(self.path.name + ".partial")
-            tmp.write_text("".join(line + "\n" for line in good))
-            tmp.replace(self.path)
+            with replacing(self.path) as tmp:
+                tmp.write_text("".join(line + "\n" for line in good))
 
     def add(self, row: dict) -> None:
         """Record one finished trial durably (one write, flushed and fsynced before returning). Signals

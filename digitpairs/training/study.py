@@ -14,6 +14,7 @@ from digitpairs.core.paths import PAIRS_DIR
 from digitpairs.core.stats import ci95, mean_std
 from digitpairs.core.variants import (
     ALL_ADDITIONS,
+    GRID_ARCHS,
     NO_ADDITIONS,
     PLUS,
     STUDY_VARIANTS,
@@ -116,7 +117,7 @@ def read_selected(cv_dir: Path, recipe: Path | None = None) -> dict[str, dict]:
     """Selected configuration of the study's variants (the ``cv`` stage's JSON files) and, given the
     ``recipe`` stage's file, of siamese-plus."""
     selected = {}
-    for arch in ("pair", "siamese"):
+    for arch in GRID_ARCHS:
         selected |= json.loads((Path(cv_dir) / f"{arch}_selected.json").read_text())
     missing = set(STUDY_VARIANTS) - set(selected)
     if missing:
