@@ -235,6 +235,7 @@ def clones(tmpdir: Path) -> list[Path]:
     return list(tmpdir.glob("digitpairs-verify-*"))
 
 
+@pytest.mark.system  # with the other tests of `make verify` (tests/test_verify.py)
 def test_verify_quick_reports_what_it_did_not_recompute_and_a_tampered_uncommitted_lock(tiny_built, tmp_path):
     repo = copy(tiny_built, tmp_path)
     lock_path = repo / "dvc.lock"

@@ -271,6 +271,7 @@ def test_grad_norm_panels_hold_every_tensor(made: Path):
     assert list(axes[0].lines[0].get_ydata()) == pytest.approx(first.sort_values("step")["norm"].tolist())
 
 
+@pytest.mark.system  # as tests/test_verify.py's full recompute shows for every output, the figures included
 def test_rerun_gives_identical_bytes(made: Path, tmp_path: Path):
     again = tmp_path / "again"
     shutil.copytree(made, again, ignore=shutil.ignore_patterns("plots"))
