@@ -121,7 +121,7 @@ def ablation_block() -> str:
     return "\n".join(ablation_rows(json.loads(FINDINGS.read_text())["ablation"]))
 
 
-SETTLED = 0.003  # a CI inside +-0.3 points around 0: no gain measurable at this resolution (issue's bound)
+SETTLED = 0.003  # a CI inside +-0.3 points around 0: no effect measurable at this resolution
 
 
 def ablation_draws_block() -> str:
@@ -136,7 +136,10 @@ def ablation_draws_block() -> str:
         if n not in matters and -SETTLED < a["change_ci95_low"] and a["change_ci95_high"] < SETTLED
     ]
     open_ = [n for n in tested if n not in matters + flat]
-    quoted = lambda names: ", ".join(f"*{n}*" for n in names) or "none"  # noqa: E731
+
+    def quoted(names: list[str]) -> str:
+        return ", ".join(f"*{n}*" for n in names) or "none"
+
     return "\n".join(
         [
             *ablation_rows(rows, holm=True),
