@@ -5,7 +5,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: install browser qemu testdeps repro faithful verify verify-quick plots test test-all lint
+.PHONY: install browser qemu testdeps repro faithful verify verify-quick plots gpu-wheels test test-all lint
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt pyproject.toml
 	python3 -m venv $(VENV)
@@ -51,6 +51,15 @@ faithful: install
 plots: install
 	$(PY) -m stages.figures --vendor-js
 	dvc plots show
+
+# DVC and dvclive, with every dependency, as wheels for the GPU machine's Python (3.12, no DVC, no network):
+# scripts/run_stages.py unpacks there what its Python lacks. hydra-core's antlr4 runtime has no wheel: built here.
+GPU_PY ?= 3.12
+gpu-wheels: install
+	$(PY) -m pip wheel -q --no-deps -w .gpu-wheels antlr4-python3-runtime==4.9.3
+	$(PY) -m pip download -q -d .gpu-wheels --find-links .gpu-wheels --only-binary=:all: \
+	  --python-version $(GPU_PY) --implementation cp --platform manylinux_2_28_x86_64 \
+	  --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 $$(grep -E '^dvc(live)?==' requirements.txt)
 
 lint: install
 	$(PY) -m ruff check .

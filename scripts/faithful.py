@@ -16,14 +16,16 @@ the experiment's commit) to ``results/faithful/`` with a ``provenance.json``, fr
 from __future__ import annotations
 
 import json
-import os
-import platform
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # this checkout's package, whatever is installed
+
+from digitpairs.core import numerics  # noqa: E402
+
 OUT = REPO / "results/faithful"
 NAME = "faithful"
 OVERRIDES = {
@@ -70,20 +72,10 @@ def export(wall_s: float | None) -> None:
         "overrides": OVERRIDES,
         "command": "make faithful",
         "wall_s": None if wall_s is None else round(wall_s),
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {_cpu()}",
+        "machine": numerics.machine(),
     }
     (OUT / "provenance.json").write_text(json.dumps(provenance, indent=2, sort_keys=True, allow_nan=False) + "\n")
     print(f"exported {ref} to {OUT.relative_to(REPO)}/")
-
-
-def _cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 if __name__ == "__main__":

@@ -4,8 +4,8 @@
     python scripts/readme.py --check    # exit 1 if a page differs from what the files say (tests do this)
 
 Blocks (each in exactly one page): ``results`` (models_out/metrics.json); ``findings`` and ``ablation``
-(models_out/findings.json); ``ablation-draws`` (results/ablation/, written by ``scripts/ablation_draws.py``);
-``faithful`` (results/faithful/, written by ``scripts/faithful.py``); ``full-grid``
+(models_out/findings.json); ``recipe-attempts`` (results/recipe-attempts/, written by
+``scripts/recipe_attempts.py``); ``faithful`` (results/faithful/, written by ``scripts/faithful.py``); ``full-grid``
 (results/full-grid/, written by ``scripts/gpu_full_grid.py publish``); ``repro-time``, ``cold-repro``,
 ``benchmark`` and ``pins-cost`` (results/timings.json: what was measured, with which command, on which commit
 and machine).
@@ -29,9 +29,9 @@ DOCS = REPO / "docs"
 METRICS = REPO / "models_out/metrics.json"
 FINDINGS = REPO / "models_out/findings.json"
 FAITHFUL = REPO / "results/faithful"
-ABLATION = REPO / "results/ablation"
 FULL_GRID = REPO / "results/full-grid"
 TIMINGS = REPO / "results/timings.json"
+ATTEMPTS = REPO / "results/recipe-attempts"
 
 
 def pages() -> list[Path]:
@@ -96,40 +96,34 @@ def findings_block() -> str:
     return "\n".join(rows)
 
 
-def ablation_rows(ablation: dict, holm: bool = False) -> list[str]:
-    """siamese-plus's ablation as table rows: the full recipe, none of its additions, then the rest by change."""
+def ablation_rows(ablation: dict, change: str = "change from all additions") -> list[str]:
+    """siamese-plus's ablation (or attempts) as table rows: the full recipe, none of its additions, then the
+    rest by change."""
     rows = [
-        "| siamese-plus | validation accuracy (mean ± std) | change from all additions | 95% CI | p, t-test | "
-        + ("p, Holm | " if holm else "")
-        + "draws |",
-        "| --- | --- | --- | --- | --- | " + ("--- | " if holm else "") + "--- |",
+        f"| siamese-plus | validation accuracy (mean ± std) | {change} | 95% CI | p, t-test | p, Holm | draws |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
     ]
-    first = [ALL_ADDITIONS, NO_ADDITIONS]
+    first = [n for n in (ALL_ADDITIONS, NO_ADDITIONS) if n in ablation]
     rest = sorted((n for n in ablation if n not in first), key=lambda n: ablation[n]["change_mean"])
     for name in first + rest:
         a = ablation[name]
-        cells = [""] * (4 if holm else 3)
+        cells = [""] * 4
         if name != ALL_ADDITIONS:
             ci = f"[{pts(a['change_ci95_low'])}, {pts(a['change_ci95_high'])}]"
-            cells = [pts(a["change_mean"]), ci, pval(a["change_p_t"])] + ([pval(a["change_p_holm"])] if holm else [])
+            cells = [pts(a["change_mean"]), ci, pval(a["change_p_t"]), pval(a["change_p_t_holm"])]
         value = f"{pts(a['val_mean'], False)}% ± {pts(a['val_std'], False)}"
         rows.append("| " + " | ".join([name, value, *cells, str(a["change_n"])]) + " |")
     return rows
 
 
-def ablation_block() -> str:
-    return "\n".join(ablation_rows(json.loads(FINDINGS.read_text())["ablation"]))
-
-
 SETTLED = 0.003  # a CI inside +-0.3 points around 0: no effect measurable at this resolution
 
 
-def ablation_draws_block() -> str:
-    """The ablation on more draws (results/ablation/, written by scripts/ablation_draws.py), with what it settles."""
-    rows = json.loads((ABLATION / "ablation.json").read_text())
-    prov = json.loads((ABLATION / "provenance.json").read_text())
-    tested = {n: a for n, a in rows.items() if n != ALL_ADDITIONS}
-    matters = [n for n, a in tested.items() if a["change_p_holm"] < 0.05]
+def ablation_block() -> str:
+    """siamese-plus's ablation (findings.json) with Holm's p-values, and what it settles."""
+    rows = json.loads(FINDINGS.read_text())["ablation"]
+    tested = {n: a for n, a in rows.items() if n != ALL_ADDITIONS and a["change_p_t_holm"] is not None}
+    matters = [n for n, a in tested.items() if a["change_p_t_holm"] < 0.05]
     flat = [
         n
         for n, a in tested.items()
@@ -142,13 +136,27 @@ def ablation_draws_block() -> str:
 
     return "\n".join(
         [
-            *ablation_rows(rows, holm=True),
+            *ablation_rows(rows),
             "",
-            f"`{prov['command']}` {measured_on(prov)}: {prov['trials']} trainings, {prov['seconds']:.0f} s "
-            f"(the first draws' rows reused from the `recipe` stage's checkpoint). Rows whose change holds after "
-            f"Holm's correction (p < 0.05), additions that carry part of the gain: {quoted(matters)}. Rows whose "
-            f"95% CI lies within ±{SETTLED * 100:.1f} points of 0, no effect measurable at this resolution: "
-            f"{quoted(flat)}. Neither, not settled: {quoted(open_)}.",
+            f"Rows whose change holds after Holm's correction over the rows (p < 0.05), additions that carry "
+            f"part of the gain: {quoted(matters)}. Rows whose 95% CI lies within ±{SETTLED * 100:.1f} points of 0, "
+            f"no effect measurable at this resolution: {quoted(flat)}. Neither, not settled: {quoted(open_)}.",
+        ]
+    )
+
+
+def recipe_attempts_block() -> str:
+    """What else the recipe was tried with (results/recipe-attempts/, written by scripts/recipe_attempts.py)."""
+    rows = json.loads((ATTEMPTS / "attempts.json").read_text())
+    prov = json.loads((ATTEMPTS / "provenance.json").read_text())
+    gains = [n for n, a in rows.items() if n != ALL_ADDITIONS and a["change_p_t_holm"] < 0.05 and a["change_mean"] > 0]
+    return "\n".join(
+        [
+            *ablation_rows(rows, "change from the recipe"),
+            "",
+            f"`{prov['command']}` {measured_on(prov)}: {prov['trials']} trainings, {prov['seconds']:.0f} s. "
+            f"Attempts that raise validation accuracy after Holm's correction (p < 0.05): "
+            f"{', '.join(f'*{n}*' for n in gains) or 'none'}.",
         ]
     )
 
@@ -212,28 +220,34 @@ def full_grid_block() -> str:
         ]
         lines.append(f"| {dim} (default subset / full grid) | " + " | ".join(cells) + " |")
     tun = json.loads((FULL_GRID / "tuning.json").read_text())
-    big, procs = tun["largest_job"], tun["processes"]["trainings_per_s"]
     eq = tun["equivalence"]["25"]
-    lines.insert(
-        2,
+    timing = (
         f"- At that rate the whole grid takes about {g['trainings_total'] / g['trainings_per_s'] / 60:.0f} minutes "
-        f"(projection). Largest widths (one job of {big['trials']} models, 64/64/512, BN and skips): "
-        f"{big['graphs_s']:.2f} s with CUDA graphs, {big['eager_s']:.2f} s without; "
-        f"{big['flops'] / big['graphs_s'] / 1e12:.1f} TFLOP/s = {100 * big['fraction_of_fp32_matmul']:.0f}% of the "
-        f"measured float32 matmul rate ({big['matmul_fp32_flops'] / 1e12:.0f} TFLOP/s). A sample of the grid: "
-        + ", ".join(f"{float(r):.0f} trainings/s with {n} process{'es' * (n != '1')}" for n, r in procs.items())
-        + ".",
+        "(projection)."
     )
-    lines.insert(
-        3,
+    check = (
         f"- CUDA lockstep against the CPU loop, 25 epochs, {len(eq)} trials (3 variants x 2 draws): largest test "
         f"accuracy difference {100 * max(abs(r['gpu_test'] - r['cpu_test']) for r in eq):.1f} points (equal in "
-        f"distribution; the weights differ, as float rounding grows over 25 epochs). TF32: "
-        f"{big['tf32_s']:.2f} s against {big['graphs_s']:.2f} s, mean test accuracy {pct(big['mean_test_acc_tf32'])}% "
-        f"against {pct(big['mean_test_acc_fp32'])}% (the published run is float32). Determinism: two runs of the "
-        f"largest job bit-identical: {'yes' if big['repeat_identical'] else 'no'}; with PyTorch's deterministic "
-        f"mode {big['graphs_s']:.2f} s, without it {big['nondeterministic_s']:.2f} s.",
+        "distribution; the weights differ, as float rounding grows over 25 epochs)."
     )
+    if "largest_job" in tun:  # measured by the runs of the GPU script that tuned the engine by hand
+        big, procs = tun["largest_job"], tun["processes"]["trainings_per_s"]
+        timing += (
+            f" Largest widths (one job of {big['trials']} models, 64/64/512, BN and skips): "
+            f"{big['graphs_s']:.2f} s with CUDA graphs, {big['eager_s']:.2f} s without; "
+            f"{big['flops'] / big['graphs_s'] / 1e12:.1f} TFLOP/s = {100 * big['fraction_of_fp32_matmul']:.0f}% of "
+            f"the measured float32 matmul rate ({big['matmul_fp32_flops'] / 1e12:.0f} TFLOP/s). A sample of the grid: "
+            + ", ".join(f"{float(r):.0f} trainings/s with {n} process{'es' * (n != '1')}" for n, r in procs.items())
+            + "."
+        )
+        check += (
+            f" TF32: {big['tf32_s']:.2f} s against {big['graphs_s']:.2f} s, mean test accuracy "
+            f"{pct(big['mean_test_acc_tf32'])}% against {pct(big['mean_test_acc_fp32'])}% (the published run is "
+            f"float32). Determinism: two runs of the largest job bit-identical: "
+            f"{'yes' if big['repeat_identical'] else 'no'}; with PyTorch's deterministic mode "
+            f"{big['graphs_s']:.2f} s, without it {big['nondeterministic_s']:.2f} s."
+        )
+    lines[2:2] = [timing, check]
     ranking = {k: " > ".join(v) for k, v in comp["ranking"].items()}
     lines += [
         "",
@@ -359,7 +373,7 @@ BLOCKS = {
     "results": results_block,
     "findings": findings_block,
     "ablation": ablation_block,
-    "ablation-draws": ablation_draws_block,
+    "recipe-attempts": recipe_attempts_block,
     "faithful": faithful_block,
     "full-grid": full_grid_block,
     "repro-time": repro_time_block,

@@ -6,21 +6,54 @@ The outputs are the bytes ``dvc repro`` writes (tests/test_run_stages.py).
 
     python scripts/run_stages.py [STAGE ...]     # every stage, or only these (as named by dvc.yaml)
 
-Params come from params.yaml: edit it (or copy one in) first, as ``dvc exp run -S`` would.
+Params come from params.yaml: edit it (or copy one in) first, as ``dvc exp run -S`` would. The stages
+import two of DVC's packages (``dvc`` reads params.yaml as DVC does, ``dvclive`` logs the training
+curves); where this Python lacks them, ``make gpu-wheels`` (on a machine with DVC and a package index)
+puts them with their dependencies in ``.gpu-wheels/``, and this script unpacks there what is missing.
 """
 
 from __future__ import annotations
 
 import graphlib
+import os
 import shlex
 import shutil
 import subprocess
 import sys
+import zipfile
+from importlib.util import find_spec
 from pathlib import Path
 
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
+WHEELS = ROOT / ".gpu-wheels"  # `make gpu-wheels`: DVC and dvclive with every dependency, as wheels
+NEEDED = ("dvc", "dvclive")
+
+
+def bring_dvc(wheels: Path = WHEELS, needed: tuple[str, ...] = NEEDED) -> None:
+    """Make ``dvc`` and ``dvclive`` importable by the stages where this Python lacks them: every wheel of
+    ``wheels`` whose packages are missing here is unpacked (a wheel is a zip of its installed files) into
+    ``wheels/site``, which goes on PYTHONPATH; a package this Python has is never shadowed."""
+    if all(find_spec(m) for m in needed):
+        return
+    if not any(wheels.glob("*.whl")):
+        raise SystemExit(
+            f"error: this Python has no {' or '.join(needed)}, which the stages import, and {wheels} holds no "
+            "wheels: run `make gpu-wheels` on a machine with DVC and bring the folder along"
+        )
+    site = wheels / "site"
+    for wheel in sorted(wheels.glob("*.whl")):
+        with zipfile.ZipFile(wheel) as z:
+            tops = {
+                n.split("/")[0].split(".")[0]
+                for n in z.namelist()
+                if not n.split("/")[0].endswith((".dist-info", ".data"))
+            }
+            if not all(find_spec(t) for t in tops):
+                z.extractall(site)
+    sys.path.insert(0, str(site))
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")]))
 
 
 def paths(entries: list) -> list[str]:
@@ -55,6 +88,7 @@ def ordered(root: Path = ROOT) -> dict[str, dict]:
 
 def run(names: list[str], root: Path = ROOT) -> None:
     """Run ``names`` (every stage when empty) in dependency order; stop at the first that fails."""
+    bring_dvc()
     stages = ordered(root)
     unknown = sorted(set(names) - set(stages))
     if unknown:
@@ -68,8 +102,10 @@ def run(names: list[str], root: Path = ROOT) -> None:
             else:
                 (root / out).unlink(missing_ok=True)
         print(f"Running stage '{name}':\n> {stage['cmd']}", flush=True)
-        program, _, rest = stage["cmd"].partition(" ")  # dvc.yaml says `python`: this interpreter runs it
-        cmd = f"{shlex.quote(sys.executable)} {rest}" if program == "python" else stage["cmd"]
+        # dvc.yaml says `python`: this interpreter runs it, exec'ed by the shell, so the stage is this
+        # process's child (a signal to it stops the stage, which keeps its checkpoint: gpu_full_grid.py)
+        program, _, rest = stage["cmd"].partition(" ")
+        cmd = f"exec {shlex.quote(sys.executable)} {rest}" if program == "python" else stage["cmd"]
         status = subprocess.run(cmd, shell=True, cwd=root).returncode
         if status:
             raise SystemExit(f"error: stage {name} failed (exit status {status}); fix it and rerun this command")

@@ -28,7 +28,7 @@ TINY = {
         "lr": [0.1, 0.5],
     },
     "loss_weights": {"n_draws": 1, "exponents": [0, -1]},
-    "recipe": {"n_draws": 1, "nbch1": [8], "nbch2": [8], "nbfch": [16], "lr": [0.1]},
+    "recipe": {"n_draws": 1, "ablation_draws": 1, "nbch1": [8], "nbch2": [8], "nbfch": [16], "lr": [0.1]},
 }
 
 
@@ -100,9 +100,14 @@ def snapshot(repo: Path, skip: str = "") -> dict[str, str]:
     """md5 of every output file (checkpoints aside: they are not outputs) and dvc.lock; ``skip``: a path
     (file or folder) left out, the input a test broke on purpose."""
     files = [p for d in OUTPUT_DIRS for p in (repo / d).rglob("*") if p.is_file() and "checkpoints" not in p.parts]
-    files.append(repo / "dvc.lock")
+    files += [repo / "dvc.lock"] if (repo / "dvc.lock").exists() else []  # none where DVC never ran
     rel = {str(p.relative_to(repo)): p for p in sorted(files)}
     return {k: hashlib.md5(p.read_bytes()).hexdigest() for k, p in rel.items() if not (skip and k.startswith(skip))}
+
+
+def pipeline_outputs(repo: Path) -> dict[str, str]:
+    """snapshot() less DVC's own files (dvc.lock, the .gitignore files it writes): what the stages wrote."""
+    return {k: v for k, v in snapshot(repo).items() if k != "dvc.lock" and not k.endswith(".gitignore")}
 
 
 def ran(log: str) -> set[str]:

@@ -108,3 +108,26 @@ def test_shift_images_moves_pixels_and_repeats_the_edge():
     assert torch.equal(down_left[0, :-1], img[0, 0, 1:])  # the entering row repeats the edge row
     assert torch.equal(down_left[:, -1], torch.cat([img[0, :1, 13], img[0, :-1, 13]]))
     assert torch.equal(shift_images(img, torch.tensor([[0, 0]])), img)
+
+
+def test_ablation_pairs_by_draw_and_holm_corrects_over_rows():
+    """Each row's change is paired by draw with the full recipe (argmax: siamese-plus's rule); the
+    p-values are Holm-corrected over the rows; one more row scores the full recipe by the posterior."""
+    full = [0.98, 0.97, 0.99, 0.985]
+    rows = {"all additions": full, "no shifts": [0.97, 0.955, 0.982, 0.97], "no momentum": [0.979, 0.97, 0.99, 0.984]}
+    table = pd.DataFrame(
+        [
+            {"ablation": name, "draw": d, "lr": 0.1, "argmax": acc, "posterior": acc + 0.001 * (d == 0)}
+            for name, accs in rows.items()
+            for d, acc in enumerate(accs)
+        ]
+    )
+    out = findings.ablation(table)
+    assert list(out) == [*rows, "posterior decision"]
+    assert out["no shifts"]["change_mean"] == pytest.approx(-0.012)  # (-0.01 - 0.015 - 0.008 - 0.015) / 4
+    assert out["posterior decision"]["change_mean"] == pytest.approx(0.00025)
+    tested = [n for n in out if n != "all additions"]
+    adjusted = holm([out[n]["change_p_t"] for n in tested])
+    assert [out[n]["change_p_t_holm"] for n in tested] == pytest.approx(adjusted)
+    assert all(out[n]["change_p_t_holm"] >= out[n]["change_p_t"] for n in tested)
+    assert out["all additions"]["change_p_t_holm"] is None

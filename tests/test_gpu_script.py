@@ -1,41 +1,65 @@
-"""`scripts/gpu_full_grid.py run`, the GPU machine's script, exercised on the CPU with a tiny grid:
-it writes the tables and provenance, and a second run resumes every trial from its checkpoint."""
-
-from __future__ import annotations
+"""`scripts/gpu_full_grid.py`, the GPU machine's procedure, run on the CPU with the tiny params of
+tests/e2e.py: a first run that its budget stops, a second that resumes from the first's checkpoint archive
+on a fresh copy (a machine that kept nothing) and writes the bytes `dvc repro` writes, then `publish`."""
 
 import json
-import subprocess
+import re
 import sys
 import tarfile
+from pathlib import Path
 
 import pytest
 
+from digitpairs.core import numerics
 from tests.conftest import SHARED_MNIST
-from tests.e2e import REPO
+from tests.e2e import REPO, TINY, pipeline_outputs, sh
 
 pytestmark = [pytest.mark.slow, pytest.mark.system]
+# the tiny params as `-S KEY=VALUE` over the script's full grid (JSON is YAML), on the CPU
+TINY_SETTINGS = [
+    f"-S{section}.{key}={json.dumps(value)}"
+    for section, values in (TINY | {"train": TINY["train"] | {"device": "cpu"}}).items()
+    for key, value in values.items()
+]
 
 
-def run(tmp_path, out: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, str(REPO / "scripts/gpu_full_grid.py"), "run", "--mnist", str(SHARED_MNIST),
-           "--out", str(tmp_path / out), "--state", str(tmp_path / "state"), "--device", "cpu", "--tiny",
-           "--skip-checks", "--workers", "1", "--budget", "300"]  # fmt: skip
-    cp = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600)
-    assert cp.returncode == 0, cp.stdout[-2000:] + cp.stderr[-2000:]
-    return cp
+def gpu_script(tmp_path: Path, *args: str):
+    # as a fresh shell runs it: no numeric pins from this process (the script and each stage set them)
+    return sh(
+        tmp_path, sys.executable, str(REPO / "scripts/gpu_full_grid.py"), *args, **dict.fromkeys(numerics.ENV_PINS, "")
+    )
 
 
-def test_tiny_grid_writes_results_and_resumes(tmp_path):
-    first = run(tmp_path, "out1")
-    with tarfile.open(tmp_path / "out1/results.tar.gz") as tar:
-        names = set(tar.getnames())
-        metrics = json.loads(tar.extractfile("results/metrics.json").read())
-        prov = json.loads(tar.extractfile("results/provenance.json").read())
-    assert {"results/cv/pair.csv", "results/cv/siamese.csv", "results/loss_weights.csv"} <= names
-    assert set(metrics) == {"pair", "siamese-2", "siamese-10"} and prov["grid_complete"] is True
-    assert "complete: True" in first.stdout
-    second = run(tmp_path, "out2")
-    assert "cv@pair: resumed 32 of 32 trials" in second.stderr + second.stdout
-    assert "cv@siamese: resumed 64 of 64 trials" in second.stderr + second.stdout
-    with tarfile.open(tmp_path / "out2/results.tar.gz") as tar:
-        assert json.loads(tar.extractfile("results/metrics.json").read()) == metrics
+def archived(path: Path, name: str) -> dict:
+    with tarfile.open(path) as tar:
+        return json.load(tar.extractfile(name))
+
+
+def files(folder: Path) -> set[str]:
+    return {str(p.relative_to(folder)).removesuffix(".gz") for p in folder.rglob("*") if p.is_file()}
+
+
+def test_stopped_by_its_budget_then_resumed_it_writes_what_dvc_repro_writes(tiny_built, tmp_path):
+    common = ["--mnist", str(SHARED_MNIST), *TINY_SETTINGS]
+    first = gpu_script(tmp_path, "run", "--root", str(tmp_path / "root1"), "--out", str(tmp_path / "out1"),
+                       "--budget", "80", "--skip-check", *common)  # fmt: skip
+    assert "budget reached" in first.stdout, first.stdout[-2000:]
+    assert archived(tmp_path / "out1/results.tar.gz", "provenance.json")["complete"] is False
+    with tarfile.open(tmp_path / "out1/state.tar.gz") as tar:  # the trials the first run checkpointed
+        kept = sum(len(tar.extractfile(m).read().splitlines()) for m in tar.getmembers() if m.isfile())
+    assert kept > 0
+
+    second = gpu_script(tmp_path, "run", "--root", str(tmp_path / "root2"), "--out", str(tmp_path / "out2"),
+                        "--resume", str(tmp_path / "out1/state.tar.gz"), *common)  # fmt: skip
+    assert sum(int(n) for n in re.findall(r"resumed (\d+) of", second.stderr)) >= kept
+    assert pipeline_outputs(tmp_path / "root2") == pipeline_outputs(tiny_built)
+    assert archived(tmp_path / "out2/results.tar.gz", "provenance.json")["complete"] is True
+    rows = archived(tmp_path / "out2/results.tar.gz", "tuning.json")["equivalence"]["1"]
+    assert len(rows) == 6 and all(r["cpu_test"] == pytest.approx(r["gpu_test"], abs=0.02) for r in rows)
+
+    dest = tmp_path / "published"
+    gpu_script(tmp_path, "publish", str(tmp_path / "out1"), str(tmp_path / "out2"), "--dest", str(dest),
+               "--default-cv", str(tiny_built / "data/cv"))  # fmt: skip
+    assert files(dest) == files(REPO / "results/full-grid") - {"profile.txt"}  # what each run writes now
+    grid = json.loads((dest / "provenance.json").read_text())["grid"]
+    assert grid["complete"] and grid["trainings_finished"] == 6 and len(grid["runs"]) == 2

@@ -273,7 +273,10 @@ RECIPE = {
     "cosine": dict(schedule="cosine"),
     "label smoothing": dict(label_smoothing=0.1),
     "shift": dict(shift=1),
-    "all": dict(momentum=0.9, nesterov=True, weight_decay=5e-3, schedule="cosine", label_smoothing=0.1, shift=2),
+    "elastic": dict(elastic=6.0, elastic_sigma=2.0),
+    "all": dict(
+        momentum=0.9, nesterov=True, weight_decay=5e-3, schedule="cosine", label_smoothing=0.1, shift=2, elastic=6.0
+    ),
 }
 
 

@@ -11,7 +11,16 @@ from digitpairs.core.seeding import generator
 from digitpairs.core.variants import VARIANTS, variant_score
 from digitpairs.data.pairs import split
 from digitpairs.training.models import ModelConfig, build_model, load_model, save_model, weight_names
-from digitpairs.training.train import TrainConfig, check_hparams, evaluate, resolve_device, train
+from digitpairs.training.train import (
+    TrainConfig,
+    check_hparams,
+    elastic_fields,
+    evaluate,
+    resolve_device,
+    shift_images,
+    train,
+    warp_images,
+)
 from digitpairs.training.trials import make_trial, run_trial
 
 SMALL = dict(nbch1=8, nbch2=8, nbfch=16)
@@ -112,6 +121,9 @@ def test_training_is_deterministic_and_shuffle_matters(draw0):
         ("siamese", dict(w2=-1.0), "loss weights must be >= 0"),
         ("siamese", dict(w2=0.0, w10=0.0), "both 0"),
         ("resnet", {}, "unknown architecture"),
+        ("siamese", dict(shift=5), "shift must be between 0 and 4"),
+        ("siamese", dict(elastic=25.0), "elastic must be between 0 and 20"),
+        ("siamese", dict(elastic=4.0, elastic_sigma=0.1), "elastic_sigma must be between 0.5 and 7"),
     ],
 )
 def test_bad_hparams_raise_before_work(arch, change, match, draw0):
@@ -129,13 +141,28 @@ def test_bad_hparams_raise_before_work(arch, change, match, draw0):
             ModelConfig(arch)
 
 
+def test_elastic_distortion_moves_pixels_and_repeats_in_any_batch():
+    """The warp is a no-op for zero fields and an exact shift for integer ones; a field's bits do not
+    depend on the size of the batch it was drawn in (both engines draw them per model)."""
+    x = torch.randn(6, 14, 14, generator=generator(0))
+    assert torch.equal(warp_images(x, torch.zeros(6, 2, 14, 14)), x)
+    offsets = torch.randint(-2, 3, (6, 2), generator=generator(1))
+    fields = -offsets.float().view(6, 2, 1, 1).expand(6, 2, 14, 14)
+    assert torch.equal(warp_images(x, fields), shift_images(x, offsets))
+    small, large = (elastic_fields(n, 6.0, 2.0, generator(2)) for n in (3, 30))
+    assert small.shape == (3, 2, 2, 14, 14) and torch.equal(small, large[:3])
+    assert 0.2 < float(large.abs().mean()) < 0.6  # sub-pixel moves at this strength
+    warped = warp_images(x, small.view(-1, 2, 14, 14)[:6])
+    assert not torch.equal(warped, x) and float(warped.min()) >= float(x.min())  # interpolates, invents nothing
+
+
 def test_devices():
     assert resolve_device("cpu").type == "cpu"
     for name in ("auto", "tpu"):  # never chosen for the user: a GPU computes other results
-        with pytest.raises(ValueError, match="unknown device"):
+        with pytest.raises(ValueError, match="train.device must be one of cpu, cuda"):
             resolve_device(name)
     if not torch.cuda.is_available():
-        with pytest.raises(ValueError, match="no CUDA"):
+        with pytest.raises(ValueError, match="no usable CUDA GPU"):
             resolve_device("cuda")
 
 

@@ -66,6 +66,9 @@ def edited(section: str, key: str, value) -> dict:
         ("recipe", "schedule", "step", "recipe.schedule must be one of constant, cosine"),
         ("recipe", "label_smoothing", 1, "recipe.label_smoothing must be >= 0 and < 1"),
         ("recipe", "shift", 5, "recipe.shift must be between 0 and 4"),
+        ("recipe", "ablation_draws", 11, "recipe.ablation_draws=11 exceeds data.n_draws=10"),
+        ("recipe", "elastic", -1, "recipe.elastic must be between 0 and 20"),
+        ("recipe", "elastic_sigma", 0.1, "recipe.elastic_sigma must be between 0.5 and 7"),
         ("recipe", "batch_size", 999, "recipe.batch_size=999 leaves a mini-batch of 1 pair"),
         ("recipe", "executor", "dask", "recipe.executor must be one of local, ray"),
         ("figures", "error_bars", "sem", "figures.error_bars must be one of group, grid"),
@@ -114,6 +117,9 @@ BAD = [
     ("recipe.schedule", "step"),
     ("recipe.shift", "7"),  # more than half a digit
     ("recipe.batch_size", "999"),
+    ("recipe.ablation_draws", "3"),  # more than data.n_draws
+    ("recipe.elastic", "30"),
+    ("recipe.elastic_sigma", "0"),
     ("figures.dpi", "20000"),  # would exhaust memory
     ("figures.error_bars", "sem"),
 ]

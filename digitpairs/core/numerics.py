@@ -100,6 +100,8 @@ class _TorchImport(importlib.abc.MetaPathFinder):
             return None
         sys.meta_path.remove(self)
         spec = importlib.util.find_spec(name)
+        if spec is None or spec.loader is None:  # no torch here: the import fails as it would without us
+            return None
         run = spec.loader.exec_module
 
         def exec_module(module: ModuleType) -> None:
@@ -161,6 +163,17 @@ def fingerprint(device: str = "cpu") -> dict[str, str]:
     return out
 
 
+def machine() -> str:
+    """The machine a measurement ran on, for provenance files: architecture, usable CPUs, CPU model."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    try:
+        lines = open("/proc/cpuinfo").read().splitlines()
+    except OSError:
+        lines = []
+    model = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")), None)
+    return f"{platform.machine()}, {cpus} CPUs, {model or platform.processor() or 'unknown CPU'}"
+
+
 def digest(device: str = "cpu") -> str:
     """A short hash of :func:`fingerprint`."""
     return sha256(json.dumps(fingerprint(device), sort_keys=True).encode()).hexdigest()[:12]
@@ -175,8 +188,8 @@ def deterministic_cuda() -> None:
 
     TF32 is off because it changes the arithmetic, not only the speed; cuDNN autotuning is off
     because it picks kernels by timing. ``warn_only``: an operation without a deterministic CUDA
-    kernel warns instead of stopping a long run; ``scripts/gpu_full_grid.py`` checks the outcome by
-    comparing the bytes of two runs.
+    kernel warns instead of stopping a long run; whether two runs agree to the bit is a measurement
+    (the one above), not something this call can promise.
     """
     import torch
 

@@ -24,6 +24,11 @@ EXPONENT_RANGE = (-10.0, 10.0)
 DPI_RANGE = (20, 600)
 # Layer widths: far above the study's grid, low enough that one model fits in memory.
 MAX_WIDTH = 4096
+# siamese-plus's augmentations (digitpairs.training.train), in pixels of a 14 x 14 digit image: a shift
+# of up to MAX_SHIFT; an elastic distortion's strength and its field's Gaussian width.
+MAX_SHIFT = 4
+ELASTIC_RANGE = (0.0, 20.0)
+ELASTIC_SIGMA_RANGE = (0.5, 7.0)
 
 Check = Callable[[str, Any], None]
 
@@ -99,8 +104,19 @@ def _choice(*options: str) -> Check:
     return check
 
 
-def _device(key: str, v: Any) -> None:
-    _choice("cpu", "cuda")(key, v)
+def _between(low: float, high: float) -> Check:
+    def check(key: str, v: Any) -> None:
+        _number(key, v)
+        if not low <= v <= high:
+            raise ParamError(f"{key} must be between {low:g} and {high:g}, got {v}.")
+
+    return check
+
+
+def check_device(key: str, v: Any) -> None:
+    """``cpu`` or ``cuda``, never chosen for the user: a GPU gives other results than a CPU, so the
+    device is a declared setting that dvc.lock records; cuda is refused where no GPU is available."""
+    _choice(*DEVICES)(key, v)
     if v == "cuda":
         import torch
 
@@ -124,6 +140,8 @@ def _list_of(item_check: Check) -> Check:
 
 
 ENGINES = ("lockstep", "loop")  # train.engine (digitpairs.training.runner)
+DEVICES = ("cpu", "cuda")  # train.device
+SCHEDULES = ("constant", "cosine")  # recipe.schedule (digitpairs.training.train.lr_factor)
 EXECUTORS = ("local", "ray")  # cv/loss_weights/recipe/train.executor
 ERROR_BARS = ("group", "grid")  # figures.error_bars: ours (n = the group's size) or the original's
 ENGINE = _choice(*ENGINES)
@@ -147,7 +165,7 @@ SCHEMA: dict[str, dict[str, Check]] = {
         "shuffle": _bool,
         "relu_logits": _bool,
         "engine": ENGINE,
-        "device": _device,
+        "device": check_device,
         "executor": EXECUTOR,
     },
     "cv": {
@@ -169,15 +187,18 @@ SCHEMA: dict[str, dict[str, Check]] = {
     "recipe": {
         "seed": _int(0),
         "n_draws": _int(1),
+        "ablation_draws": _int(1),
         "executor": EXECUTOR,
         **GRID_CHECKS,
         "batch_size": _int(1),
         "momentum": _fraction,
         "nesterov": _bool,
         "weight_decay": _non_negative,
-        "schedule": _choice("constant", "cosine"),
+        "schedule": _choice(*SCHEDULES),
         "label_smoothing": _fraction,
-        "shift": _int(0, 4),
+        "shift": _int(0, MAX_SHIFT),
+        "elastic": _between(*ELASTIC_RANGE),
+        "elastic_sigma": _between(*ELASTIC_SIGMA_RANGE),
     },
     "figures": {"dpi": _int(*DPI_RANGE), "error_bars": _choice(*ERROR_BARS)},
 }
@@ -186,11 +207,11 @@ SCHEMA: dict[str, dict[str, Check]] = {
 def _cross_checks(params: dict) -> None:
     """Bounds that involve two keys (each message names the key to change)."""
     d, t, r = params["data"], params["train"], params["recipe"]
-    for section in ("cv", "loss_weights", "recipe"):
-        if params[section]["n_draws"] > d["n_draws"]:
+    for key in ("cv.n_draws", "loss_weights.n_draws", "recipe.n_draws", "recipe.ablation_draws"):
+        section, name = key.split(".")
+        if params[section][name] > d["n_draws"]:
             raise ParamError(
-                f"{section}.n_draws={params[section]['n_draws']} exceeds data.n_draws={d['n_draws']}; "
-                "lower it or draw more pairs."
+                f"{key}={params[section][name]} exceeds data.n_draws={d['n_draws']}; lower it or draw more pairs."
             )
     if params["grad_norms"]["draw"] >= d["n_draws"]:
         raise ParamError(f"grad_norms.draw={params['grad_norms']['draw']} must be < data.n_draws={d['n_draws']}.")

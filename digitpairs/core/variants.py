@@ -1,8 +1,8 @@
 """The reported model variants: a fact the training, the evaluation and the figures share.
 
 The study's three are selected on its cross-validation grid; the fourth, siamese-plus, is siamese-10's
-network with the recipe's training (params.yaml ``recipe``) and the posterior decision rule, selected
-by the ``recipe`` stage.
+network and decision (the two digits' argmaxes) with the recipe's training (params.yaml ``recipe``),
+selected by the ``recipe`` stage.
 
 Plain data with no torch import, so the figures stage does not depend on the training code.
 """
@@ -31,7 +31,7 @@ VARIANTS = {
         Variant("pair", "pair", 1.0, 0.0, "accuracy"),
         Variant("siamese-2", "siamese", 1.0, 10**-0.5, "comparison_accuracy"),
         Variant("siamese-10", "siamese", 0.0, 1.0, "digit_comparison_accuracy"),
-        Variant(PLUS, "siamese", 0.0, 1.0, "digit_posterior_accuracy", in_grid=False),
+        Variant(PLUS, "siamese", 0.0, 1.0, "digit_comparison_accuracy", in_grid=False),
     )
 }
 # siamese-plus's ablation: the row of the full recipe, and the row of none of its additions

@@ -92,18 +92,25 @@ def claims(cv: pd.DataFrame, scores: pd.DataFrame, controls: pd.DataFrame) -> di
         out[f"skip_{v}"] = switch_effect(cv, v, "skip_connections")
     for v in STUDY_VARIANTS:
         out[f"test_selection_{v}"] = test_selection(cv, controls, v)
-    for p_key in ("p_t", "p_wilcoxon"):  # each test's p-values one family; untested claims stay None
-        tested = [slug for slug in out if out[slug].get(p_key) is not None]
-        for slug in out:
-            out[slug][f"{p_key}_holm"] = None
-        for slug, p in zip(tested, holm([out[slug][p_key] for slug in tested]), strict=True):
-            out[slug][f"{p_key}_holm"] = p
+    add_holm(out, ("p_t", "p_wilcoxon"))
     return {s: out[s] for s in CLAIMS}
+
+
+def add_holm(rows: dict[str, dict], p_keys: tuple[str, ...]) -> None:
+    """Add ``<key>_holm`` to every row for each of ``p_keys``: each test's p-values one family over
+    the rows; a row without that p-value (untested) gets None."""
+    for p_key in p_keys:
+        tested = [name for name, row in rows.items() if row.get(p_key) is not None]
+        for row in rows.values():
+            row[f"{p_key}_holm"] = None
+        for name, p in zip(tested, holm([rows[n][p_key] for n in tested]), strict=True):
+            rows[name][f"{p_key}_holm"] = p
 
 
 def ablation(table: pd.DataFrame) -> dict[str, dict]:
     """Validation accuracy of siamese-plus without each addition, by its decision rule, and the change
-    from the full recipe paired by draw; one more row applies the other decision rule to the full recipe."""
+    from the full recipe paired by draw, Holm-corrected over the rows; one more row applies the other
+    decision rule to the full recipe."""
     rule = RULE_COLUMN[VARIANTS[PLUS].metric]
     full = table[table["ablation"] == ALL_ADDITIONS]
     base = _by_draw(full, rule)
@@ -115,6 +122,8 @@ def ablation(table: pd.DataFrame) -> dict[str, dict]:
         out[name] = {"val_mean": mean, "val_std": std} | {
             f"change_{k}": v for k, v in _pair_over_draws(values, base).items()
         }
+    add_holm({n: row for n, row in out.items() if n != ALL_ADDITIONS}, ("change_p_t", "change_p_wilcoxon"))
+    out[ALL_ADDITIONS] |= {"change_p_t_holm": None, "change_p_wilcoxon_holm": None}
     return out
 
 

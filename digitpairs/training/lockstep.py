@@ -35,11 +35,12 @@ from digitpairs.data.pairs import Draw, split
 from digitpairs.training.models import build_model, weight_names
 from digitpairs.training.train import (
     TrainResult,
+    augment,
     check_hparams,
+    elastic_fields,
     epoch_order,
     fraction,
     lr_factor,
-    shift_images,
     shift_offsets,
     siamese_scores,
 )
@@ -54,10 +55,14 @@ EVAL_CHUNK = 100
 # thread, time per model-step flat from K = 1 to 12 (within 10%); with two, pair K = 12 was 12-15%
 # faster than K = 9 (fewer chunks, larger batched matmuls), siamese K = 4 and 6 equal.
 CPU_ACTIVATION_BYTES = 48 << 20
-# CUDA: capture each job's SGD step as a CUDA graph after this many eager steps (see _GraphedStep);
-# DIGITPAIRS_CUDA_GRAPHS=0 turns it off (in worker processes too).
+# CUDA: every job whose step is graphable (run_lockstep) captures it as a CUDA graph after this many
+# eager steps (see _GraphedStep); DIGITPAIRS_CUDA_GRAPHS=0 turns that off (in worker processes too).
 CUDA_GRAPHS = os.environ.get("DIGITPAIRS_CUDA_GRAPHS", "1") != "0"
 GRAPH_WARMUP = 3
+# CUDA: the splits of the last few (draws, split, architecture) a process used, kept on the device so
+# the next jobs of the same draws copy nothing from the host (see _Split); none are kept for the CPU
+DEVICE_SPLITS: dict[tuple, tuple] = {}
+DEVICE_SPLITS_KEPT = 6
 
 
 @cache
@@ -434,41 +439,54 @@ class _Split:
 
     def __init__(self, job: list[Trial], draws: dict[int, Draw], name: str, device: torch.device) -> None:
         ids = sorted({t.draw for t in job})
-        parts = [split(draws[d], name) for d in ids]
-        sizes = {len(p[0]) for p in parts}
-        if len(sizes) != 1:
-            raise ValueError(f"lockstep needs draws of equal size; {name} splits have sizes {sorted(sizes)}.")
-        self.n = n = sizes.pop()
         self.digits = 1 if job[0].model.arch == "pair" else 2
         self.channels = 3 - self.digits
-        x = torch.cat([p[0] for p in parts])  # [D * n, 2, 14, 14]
-        x = x.permute(0, 2, 3, 1) if self.digits == 1 else x.unsqueeze(-1)
-        # im2col once per draw (the data never change): a step then copies whole rows, which is
-        # several times faster than building the strided windows of every mini-batch again
-        self.cols = im2col(x.reshape(-1, 14, 14, self.channels)).to(device)  # one row per digit image
-        self.images = x.reshape(len(x), -1).contiguous().to(device)
-        self.target = torch.cat([p[1] for p in parts]).to(device)
-        self.classes = torch.cat([p[2] for p in parts]).to(device)
-        self.offset = torch.tensor([ids.index(t.draw) * n for t in job], device=device).view(-1, 1)
+        # the same draw objects (the runner loads each draw once per process), split and layout: on CUDA,
+        # the tensors an earlier job left on the device (the entry holds the draws, so no id is reused)
+        key = (tuple(id(draws[d]) for d in ids), name, self.digits, str(device))
+        if device.type == "cuda" and key in DEVICE_SPLITS:
+            self.n, self.cols, self.images, self.target, self.classes, _ = DEVICE_SPLITS[key]
+        else:
+            parts = [split(draws[d], name) for d in ids]
+            sizes = {len(p[0]) for p in parts}
+            if len(sizes) != 1:
+                raise ValueError(f"lockstep needs draws of equal size; {name} splits have sizes {sorted(sizes)}.")
+            self.n = sizes.pop()
+            x = torch.cat([p[0] for p in parts])  # [D * n, 2, 14, 14]
+            x = x.permute(0, 2, 3, 1) if self.digits == 1 else x.unsqueeze(-1)
+            # im2col once per draw (the data never change): a step then copies whole rows, which is
+            # several times faster than building the strided windows of every mini-batch again
+            self.cols = im2col(x.reshape(-1, 14, 14, self.channels)).to(device)  # one row per digit image
+            self.images = x.reshape(len(x), -1).contiguous().to(device)
+            self.target = torch.cat([p[1] for p in parts]).to(device)
+            self.classes = torch.cat([p[2] for p in parts]).to(device)
+            if device.type == "cuda":
+                while len(DEVICE_SPLITS) >= DEVICE_SPLITS_KEPT:
+                    DEVICE_SPLITS.pop(next(iter(DEVICE_SPLITS)))  # the oldest
+                kept = (self.n, self.cols, self.images, self.target, self.classes, [draws[d] for d in ids])
+                DEVICE_SPLITS[key] = kept
+        self.offset = torch.tensor([ids.index(t.draw) * self.n for t in job], device=device).view(-1, 1)
 
     def take(
-        self, rows: torch.Tensor, offsets: torch.Tensor | None = None
+        self, rows: torch.Tensor, offsets: torch.Tensor | None = None, fields: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Rows ``[K, b]`` (already offset per model) -> ``cols, flat, target, classes`` of the mini-batch:
         conv1's im2col ``[K, 4 * b' * 36, 9 * C]`` (:func:`conv1_cols`) and images ``[K, b', 196 * C]``,
         where b' = b digit images (siamese: 2b, digit 1 of pair i at image 2i, digit 2 at 2i+1).
-        ``offsets [K, b, 2, 2]`` shift every digit image (``shift_images``, the loop engine's
-        augmentation) and im2col is then computed afresh."""
+        ``offsets [K, b, 2, 2]`` and ``fields [K, b, 2, 2, 14, 14]`` shift and distort every digit
+        image (``augment``, the loop engine's augmentation) and im2col is then computed afresh."""
         k, b = rows.shape
         c, d = self.channels, self.digits
-        if offsets is None:
+        if offsets is None and fields is None:
             images = rows.unsqueeze(2) * d + torch.arange(d, device=rows.device) if d > 1 else rows.unsqueeze(2)
             cols = conv1_cols(self.cols, images.view(k, b * d))
             flat = self.images.index_select(0, rows.reshape(-1)).view(k, b * d, 196 * c)
             return cols, flat, self.target[rows], self.classes[rows]
         img = self.images.index_select(0, rows.reshape(-1))  # [K * b, 392], channels-last
         planes = img.view(-1, 14, 14, 2).permute(0, 3, 1, 2) if d == 1 else img.view(-1, 2, 14, 14)
-        planes = shift_images(planes.reshape(-1, 14, 14), offsets.reshape(-1, 2)).view(-1, 2, 14, 14)
+        offsets = offsets.reshape(-1, 2) if offsets is not None else None
+        fields = fields.reshape(-1, 2, 14, 14) if fields is not None else None
+        planes = augment(planes.reshape(-1, 14, 14), offsets, fields).view(-1, 2, 14, 14)
         img = planes.permute(0, 2, 3, 1) if d == 1 else planes.unsqueeze(-1)
         img = img.reshape(-1, 14, 14, c)  # digit images in (model, pair, digit) order
         cols = conv1_cols(im2col(img), torch.arange(k * b * d, device=img.device).view(k, b * d))
@@ -527,6 +545,7 @@ def run_lockstep(
     w10 = torch.tensor([t.train.w10 for t in job], device=dev)
     gens = [t.shuffle_generator() for t in job]
     shift_gens = [t.shift_generator() for t in job]
+    elastic_gens = [t.elastic_generator() for t in job]
     bs = int(tc.batch_size)
     steps = tc.epochs * ((n + bs - 1) // bs)
     norms = torch.zeros(steps, k, len(stack.weights), device=dev) if record_grad_norms else None
@@ -540,12 +559,13 @@ def run_lockstep(
         norms_row: torch.Tensor | None = None,
         offsets: torch.Tensor | None = None,
         factor: float = 1.0,
+        fields: torch.Tensor | None = None,
     ) -> None:
         """One mini-batch for all K models: forward, backward, SGD update; adds the losses to ``loss_acc``.
 
         The update is ``torch.optim.SGD``'s (weight decay, then momentum, Nesterov or not), each model
         with its own lr times the schedule's ``factor``; the study's plain SGD skips the extra terms."""
-        cols, flat, tgt, cls = data.take(rows, offsets)
+        cols, flat, tgt, cls = data.take(rows, offsets, fields)
         losses = _losses(stack, stack.forward(cols, flat, True), tgt, cls, w2, w10, tc.label_smoothing)
         grads = list(torch.autograd.grad(losses.sum(), stack.params))
         with torch.no_grad():
@@ -569,7 +589,7 @@ def run_lockstep(
 
     # A graph freezes the step's shapes (every mini-batch full), its lr and its inputs' pixels, and
     # records no per-step output.
-    plain = tc.schedule == "constant" and not tc.shift
+    plain = tc.schedule == "constant" and not tc.shift and not tc.elastic
     graphable = dev.type == "cuda" and CUDA_GRAPHS and n % bs == 0 and norms is None and plain
     step_fn = _GraphedStep(sgd_step, k, bs, dev) if graphable else sgd_step
     step = 0
@@ -582,8 +602,13 @@ def run_lockstep(
             else:
                 b = rows.shape[1]
                 offsets = torch.stack([shift_offsets(b, tc.shift, g) for g in shift_gens]) if tc.shift else None
+                fields = (
+                    torch.stack([elastic_fields(b, tc.elastic, tc.elastic_sigma, g) for g in elastic_gens]).to(dev)
+                    if tc.elastic
+                    else None
+                )
                 norms_row = norms[step] if norms is not None else None
-                step_fn(rows, epoch_loss[epoch], norms_row, offsets, lr_factor(tc, step, steps))
+                step_fn(rows, epoch_loss[epoch], norms_row, offsets, lr_factor(tc, step, steps), fields)
             step += 1
     epoch_loss = (epoch_loss / n).cpu()
     scores = [{} for _ in job]

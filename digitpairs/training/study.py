@@ -28,6 +28,18 @@ from digitpairs.training.trials import Outcome, Trial, make_trial
 
 CONFIG_KEYS = GRID_KEYS  # what a selected configuration holds: widths, switches and lr
 WIDTH_KEYS = ("nbch1", "nbch2", "nbfch", "batch_norm", "skip_connections")
+# the recipe section's training keys, TrainConfig's fields of the same names
+RECIPE_KEYS = (
+    "batch_size",
+    "momentum",
+    "nesterov",
+    "weight_decay",
+    "schedule",
+    "label_smoothing",
+    "shift",
+    "elastic",
+    "elastic_sigma",
+)
 
 
 def train_config(train: dict, lr: float) -> TrainConfig:
@@ -36,11 +48,10 @@ def train_config(train: dict, lr: float) -> TrainConfig:
 
 
 def recipe_config(params: dict, lr: float) -> TrainConfig:
-    """siamese-plus's training: the ``recipe`` section's optimiser, schedule, smoothing and shifts, with
-    the study's epochs and shuffling (its budget)."""
+    """siamese-plus's training: the ``recipe`` section's optimiser, schedule, smoothing and augmentations,
+    with the study's epochs and shuffling (its budget)."""
     r, train = params["recipe"], params["train"]
-    keys = ("batch_size", "momentum", "nesterov", "weight_decay", "schedule", "label_smoothing", "shift")
-    return TrainConfig(lr=lr, epochs=train["epochs"], shuffle=train["shuffle"], **{k: r[k] for k in keys})
+    return TrainConfig(lr=lr, epochs=train["epochs"], shuffle=train["shuffle"], **{k: r[k] for k in RECIPE_KEYS})
 
 
 def config_of(variant: str, lr: float, params: dict) -> TrainConfig:
@@ -155,22 +166,24 @@ def ablations(tc: TrainConfig, study_batch_size: int) -> dict[str, TrainConfig]:
         out["no label smoothing"] = replace(tc, label_smoothing=0.0)
     if tc.shift:
         out["no shifts"] = replace(tc, shift=0)
+    if tc.elastic:
+        out["no elastic distortions"] = replace(tc, elastic=0.0)
     if tc.batch_size != study_batch_size:
         out[f"batch size {study_batch_size}"] = replace(tc, batch_size=study_batch_size)
     return out
 
 
 def ablation_trials(selected: dict, params: dict) -> tuple[list[str], list[Trial]]:
-    """The recipe's ablation on its search draws: one name per trial. Besides the full recipe, one row
-    trains siamese-plus's network the study's way (siamese-10's lr, plain SGD) and every other row drops
-    one addition."""
+    """The recipe's ablation on the first ``recipe.ablation_draws`` draws: one name per trial. Besides
+    the full recipe, one row trains siamese-plus's network the study's way (siamese-10's lr, plain SGD)
+    and every other row drops one addition."""
     r, train, config = params["recipe"], params["train"], selected[PLUS]
     base = make_trial(PLUS, widths(config, train), recipe_config(params, config["lr"]), 0, r["seed"])
     study = replace(train_config(train, selected["siamese-10"]["lr"]), w2=base.train.w2, w10=base.train.w10)
     rows = {ALL_ADDITIONS: base.train, NO_ADDITIONS: study} | ablations(base.train, train["batch_size"])
     names, trials = [], []
     for name, tc in rows.items():
-        for draw in range(r["n_draws"]):
+        for draw in range(r["ablation_draws"]):
             names.append(name)
             trials.append(replace(base, train=tc, draw=draw))
     return names, trials

@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from digitpairs.training.models import ARCHS, weight_names
+from digitpairs.core.params import ELASTIC_RANGE, ELASTIC_SIGMA_RANGE, MAX_SHIFT, SCHEDULES, check_device
+from digitpairs.training.models import ModelConfig, weight_names
 
 
 @dataclass(frozen=True)
@@ -31,12 +32,11 @@ class TrainConfig:
     momentum: float = 0.0
     nesterov: bool = False
     weight_decay: float = 0.0
-    schedule: str = "constant"  # constant | cosine: lr * (1 + cos(pi * step / steps)) / 2, per mini-batch
+    schedule: str = "constant"  # SCHEDULES: constant | cosine, lr * (1 + cos(pi * step / steps)) / 2 per mini-batch
     label_smoothing: float = 0.0
     shift: int = 0  # augmentation: move each digit image by up to this many pixels, fresh every step
-
-
-SCHEDULES = ("constant", "cosine")
+    elastic: float = 0.0  # augmentation: elastic distortion of this strength (pixels), fresh every step
+    elastic_sigma: float = 2.0  # the distortion's smoothness: its random field's Gaussian width (pixels)
 
 
 def lr_factor(cfg: TrainConfig, step: int, steps: int) -> float:
@@ -62,6 +62,46 @@ def shift_offsets(n: int, shift: int, g: torch.Generator) -> torch.Tensor:
     return torch.randint(-shift, shift + 1, (n, 2, 2), generator=g)
 
 
+def elastic_fields(n: int, alpha: float, sigma: float, g: torch.Generator) -> torch.Tensor:
+    """Random displacement fields ``[n, 2 digits, 2, 14, 14]`` (rows, columns) for one mini-batch of
+    ``n`` pairs, drawn as Simard et al. (2003) do: uniform noise in [-1, 1] per pixel, smoothed by a
+    Gaussian of width ``sigma``, times ``alpha``. The smoothing is a sum of shifted copies (zeros
+    outside the image), elementwise, so each image's field has the same bits in any batch."""
+    noise = torch.rand((n, 2, 2, 14, 14), generator=g) * 2 - 1
+    radius = min(13, math.ceil(2 * sigma))
+    weights = [math.exp(-(i * i) / (2 * sigma * sigma)) for i in range(-radius, radius + 1)]
+    taps = [w / sum(weights) for w in weights]
+    for dim, pad in ((-1, (radius, radius)), (-2, (0, 0, radius, radius))):  # columns, then rows
+        padded = F.pad(noise, pad)
+        noise = sum(padded.narrow(dim, i, 14) * t for i, t in enumerate(taps))
+    return noise * alpha
+
+
+def warp_images(images: torch.Tensor, fields: torch.Tensor) -> torch.Tensor:
+    """Move each pixel of ``images [N, 14, 14]`` by its displacement ``fields [N, 2, 14, 14]``: the
+    output at (i, j) is the input at (i + rows, j + columns), interpolated bilinearly, clamped to the
+    image (the edge repeats, as in ``shift_images``)."""
+    idx = torch.arange(14, device=images.device, dtype=images.dtype)
+    fields = fields.to(images.device)
+    r = (idx.view(1, 14, 1) + fields[:, 0]).clamp_(0, 13)
+    c = (idx.view(1, 1, 14) + fields[:, 1]).clamp_(0, 13)
+    r0, c0 = r.floor().clamp_(max=12), c.floor().clamp_(max=12)
+    fr, fc = r - r0, c - c0
+    r0, c0 = r0.long(), c0.long()
+    n = torch.arange(len(images), device=images.device).view(-1, 1, 1)
+    top = images[n, r0, c0] * (1 - fc) + images[n, r0, c0 + 1] * fc
+    bottom = images[n, r0 + 1, c0] * (1 - fc) + images[n, r0 + 1, c0 + 1] * fc
+    return top * (1 - fr) + bottom * fr
+
+
+def augment(images: torch.Tensor, offsets: torch.Tensor | None, fields: torch.Tensor | None) -> torch.Tensor:
+    """One mini-batch's augmentation of its digit images ``[N, 14, 14]`` (both engines call it): the
+    shifts' ``offsets [N, 2]``, then the elastic ``fields [N, 2, 14, 14]``, each when given."""
+    if offsets is not None:
+        images = shift_images(images, offsets)
+    return warp_images(images, fields) if fields is not None else images
+
+
 @dataclass
 class TrainResult:
     """What a training leaves besides the weights: per-epoch loss and per-step gradient norms."""
@@ -73,8 +113,7 @@ class TrainResult:
 
 def check_hparams(arch: str, cfg: TrainConfig, n_train: int) -> None:
     """Raise a ``ValueError`` naming the bad hyper-parameter, before any work is done."""
-    if arch not in ARCHS:
-        raise ValueError(f"unknown architecture {arch!r}; choose one of {ARCHS}.")
+    ModelConfig(arch)  # names an unknown architecture
     if not cfg.lr > 0:
         raise ValueError(f"lr must be > 0, got {cfg.lr!r}.")
     if int(cfg.epochs) < 1:
@@ -96,17 +135,16 @@ def check_hparams(arch: str, cfg: TrainConfig, n_train: int) -> None:
         raise ValueError(f"unknown schedule {cfg.schedule!r}; choose one of {SCHEDULES}.")
     if not 0 <= cfg.label_smoothing < 1:
         raise ValueError(f"label_smoothing must be in [0, 1), got {cfg.label_smoothing!r}.")
-    if not 0 <= int(cfg.shift) <= 4:
-        raise ValueError(f"shift must be between 0 and 4 pixels, got {cfg.shift!r}.")
+    if not 0 <= int(cfg.shift) <= MAX_SHIFT:
+        raise ValueError(f"shift must be between 0 and {MAX_SHIFT} pixels, got {cfg.shift!r}.")
+    for name, (low, high) in (("elastic", ELASTIC_RANGE), ("elastic_sigma", ELASTIC_SIGMA_RANGE)):
+        if not low <= getattr(cfg, name) <= high:
+            raise ValueError(f"{name} must be between {low:g} and {high:g} pixels, got {getattr(cfg, name)!r}.")
 
 
 def resolve_device(name: str) -> torch.device:
-    """``cpu`` or ``cuda``, never chosen for the user: a GPU gives other results than a CPU, so the
-    device is a declared setting that dvc.lock records."""
-    if name not in ("cpu", "cuda"):
-        raise ValueError(f"unknown device {name!r}; choose cpu or cuda (train.device in params.yaml).")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("train.device is 'cuda' but no CUDA GPU is available; set train.device: cpu.")
+    """``train.device`` as a torch device, checked by params' own rule (:func:`check_device`)."""
+    check_device("train.device", name)
     return torch.device(name)
 
 
@@ -136,14 +174,16 @@ def train(
     g: torch.Generator,
     record_grad_norms: bool = False,
     g_shift: torch.Generator | None = None,
+    g_elastic: torch.Generator | None = None,
 ) -> TrainResult:
     """Train ``model`` in place on the device its parameters live on; data is moved there once.
 
-    ``g`` orders the mini-batches, ``g_shift`` draws the augmentation's offsets (with ``cfg.shift``).
+    ``g`` orders the mini-batches; ``g_shift`` and ``g_elastic`` draw the augmentations' offsets and
+    fields (with ``cfg.shift``, ``cfg.elastic``).
     """
     check_hparams(arch, cfg, len(inputs))
-    if cfg.shift and g_shift is None:
-        raise ValueError("a training with shift > 0 needs its augmentation generator (g_shift).")
+    if (cfg.shift and g_shift is None) or (cfg.elastic and g_elastic is None):
+        raise ValueError("a training with shift or elastic > 0 needs its augmentation generators (g_shift, g_elastic).")
     device = next(model.parameters()).device
     inputs, target, classes = inputs.to(device), target.to(device), classes.to(device)
     opt = torch.optim.SGD(
@@ -165,9 +205,11 @@ def train(
         for start in range(0, n, bs):
             idx = order[start : start + bs]
             x = inputs[idx]
-            if cfg.shift:
-                offsets = shift_offsets(len(idx), cfg.shift, g_shift).view(-1, 2)
-                x = shift_images(x.reshape(-1, 14, 14), offsets).view_as(x)
+            if cfg.shift or cfg.elastic:
+                offsets = shift_offsets(len(idx), cfg.shift, g_shift).view(-1, 2) if cfg.shift else None
+                fields = elastic_fields(len(idx), cfg.elastic, cfg.elastic_sigma, g_elastic) if cfg.elastic else None
+                x = augment(x.reshape(-1, 14, 14), offsets, fields.view(-1, 2, 14, 14) if cfg.elastic else None)
+                x = x.view(len(idx), 2, 14, 14)
             loss = loss_fn(arch, model(x), target[idx], classes[idx], cfg.w2, cfg.w10, cfg.label_smoothing)
             opt.zero_grad(set_to_none=False)
             loss.backward()

@@ -39,6 +39,10 @@ class Trial:
         """Augmentation offsets depend on seed and draw only, like the mini-batch order."""
         return generator(self.seed, "shift", self.draw)
 
+    def elastic_generator(self) -> torch.Generator:
+        """Elastic distortions depend on seed and draw only, like the shifts."""
+        return generator(self.seed, "elastic", self.draw)
+
     def key(self) -> str:
         """Stable hash of the full configuration (for checkpoints and resumption)."""
         blob = json.dumps(asdict(self), sort_keys=True)
@@ -88,6 +92,7 @@ def run_trial(
         trial.shuffle_generator(),
         record_grad_norms,
         trial.shift_generator(),
+        trial.elastic_generator(),
     )
     scores = {s: evaluate(model, trial.model.arch, *split(draw, s)) for s in ("val", "test")}
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
