@@ -119,10 +119,20 @@ def ablation_rows(ablation: dict, change: str = "change from all additions") -> 
 SETTLED = 0.003  # a CI inside +-0.3 points around 0: no effect measurable at this resolution
 
 
+def quoted(names: list[str]) -> str:
+    """Row names for a sentence: *a*, *b*, or "none"."""
+    return ", ".join(f"*{n}*" for n in names) or "none"
+
+
+def tested_rows(rows: dict) -> dict:
+    """The ablation's (or attempts') rows that were tested against the recipe: a Holm-corrected p-value."""
+    return {n: a for n, a in rows.items() if n != ALL_ADDITIONS and a["change_p_t_holm"] is not None}
+
+
 def ablation_block() -> str:
     """siamese-plus's ablation (findings.json) with Holm's p-values, and what it settles."""
     rows = json.loads(FINDINGS.read_text())["ablation"]
-    tested = {n: a for n, a in rows.items() if n != ALL_ADDITIONS and a["change_p_t_holm"] is not None}
+    tested = tested_rows(rows)
     matters = [n for n, a in tested.items() if a["change_p_t_holm"] < 0.05]
     flat = [
         n
@@ -130,10 +140,6 @@ def ablation_block() -> str:
         if n not in matters and -SETTLED < a["change_ci95_low"] and a["change_ci95_high"] < SETTLED
     ]
     open_ = [n for n in tested if n not in matters + flat]
-
-    def quoted(names: list[str]) -> str:
-        return ", ".join(f"*{n}*" for n in names) or "none"
-
     return "\n".join(
         [
             *ablation_rows(rows),
@@ -149,14 +155,14 @@ def recipe_attempts_block() -> str:
     """What else the recipe was tried with (results/recipe-attempts/, written by scripts/recipe_attempts.py)."""
     rows = json.loads((ATTEMPTS / "attempts.json").read_text())
     prov = json.loads((ATTEMPTS / "provenance.json").read_text())
-    gains = [n for n, a in rows.items() if n != ALL_ADDITIONS and a["change_p_t_holm"] < 0.05 and a["change_mean"] > 0]
+    gains = [n for n, a in tested_rows(rows).items() if a["change_p_t_holm"] < 0.05 and a["change_mean"] > 0]
     return "\n".join(
         [
             *ablation_rows(rows, "change from the recipe"),
             "",
             f"`{prov['command']}` {measured_on(prov)}: {prov['trials']} trainings, {prov['seconds']:.0f} s. "
             f"Attempts that raise validation accuracy after Holm's correction (p < 0.05): "
-            f"{', '.join(f'*{n}*' for n in gains) or 'none'}.",
+            f"{quoted(gains)}.",
         ]
     )
 
