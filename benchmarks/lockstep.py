@@ -1,10 +1,13 @@
 """Benchmark: per-model loop vs lockstep engine on a set of trainings spanning the study's grid.
 
-Both engines run the same trainings through ``digitpairs.training.runner.run_trials`` in one process tree on
-this machine, each with both ways of using the cores (1 process x all threads, or one 1-thread
-process per core); the faster of the two is reported for each engine, so the loop baseline is fair.
-FLOPs are counted analytically (training: 3 x forward MACs x 2 per sample and epoch; evaluation:
-forward MACs x 2 per val/test pair) and compared with a measured large float32 matmul.
+Both engines run the same trainings through ``digitpairs.training.runner.run_trials`` on this machine,
+each with both ways of using the cores (1 process x all threads, or one 1-thread process per core);
+the faster of the two is reported for each engine. The lockstep engine runs as the pipeline does
+(numeric pins on, its products on the portable road); the per-model loop runs as a user would run it
+without this project, in a child process with no pins at all (PyTorch's defaults), so the baseline
+is the fastest plain PyTorch here. FLOPs are counted analytically (training: 3 x forward MACs x 2 per
+sample and epoch; evaluation: forward MACs x 2 per val/test pair) and compared with the machine's
+float32 FMA peak (:func:`fma_peak` on every core).
 
     python -m benchmarks.lockstep --quick        # under 5 minutes on a 2-core machine
     python -m benchmarks.lockstep --quick --profile   # also the top operators of one lockstep job
@@ -13,13 +16,15 @@ forward MACs x 2 per val/test pair) and compared with a measured large float32 m
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 
-import torch
-
+from digitpairs.core import numerics
 from digitpairs.data import mnist
 from digitpairs.data.pairs import draw_path, load_draw, write_draws
 from digitpairs.training.lockstep import run_lockstep
@@ -28,6 +33,10 @@ from digitpairs.training.runner import run_trials
 from digitpairs.training.train import TrainConfig
 from digitpairs.training.trials import Trial, make_trial
 
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
 SMALL, LARGE = dict(nbch1=8, nbch2=8, nbfch=64), dict(nbch1=64, nbch2=64, nbfch=512)
 LRS = (0.001, 0.01, 0.1, 0.25, 1.0)
 
@@ -48,15 +57,17 @@ def trial_flops(t: Trial, n_train: int = 1000, n_eval: int = 2000) -> float:
     return 2.0 * macs * (3 * n_train * t.train.epochs + n_eval)
 
 
-def matmul_flops(n: int = 2048, reps: int = 5) -> float:
-    """Best-of float32 matmul FLOP/s with the current thread count."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    a @ b
+def fma_peak(n: int = 2048, reps: int = 5) -> float:
+    """float32 FLOP/s of one core: the best of ``reps`` n^3 products on OpenBLAS's Haswell kernels (AVX2 +
+    FMA), one thread; a large product runs them near the rate of the core's FMA units."""
+    rng = np.random.default_rng(0)
+    a, b = rng.standard_normal((n, n), np.float32), rng.standard_normal((n, n), np.float32)
     best = float("inf")
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - t0)
+    with numerics.blas_threads(1):
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            a @ b
+            best = min(best, time.perf_counter() - t0)
     return 2 * n**3 / best
 
 
@@ -103,69 +114,81 @@ def timed(trials: list[Trial], pairs: Path, engine: str, workers: int, batch: in
     return time.perf_counter() - t0
 
 
+def measure(engine: str, sets: dict[str, list[Trial]], pairs: Path, batch: int) -> dict:
+    """Seconds per set in each way of using the cores; returns the fastest way's, with its name."""
+    cores = os.cpu_count() or 1
+    torch.set_num_threads(cores)
+    run_trials([sets["small"][0], sets["large"][0]], pairs, engine=engine, workers=1, batch=2)  # warm-up
+    best: dict = {}
+    for mode, workers in {f"1 process x {cores} threads": 1, f"{cores} processes x 1 thread": cores}.items():
+        secs = {name: timed(trials, pairs, engine, workers, batch) for name, trials in sets.items()}
+        total, n = sum(secs.values()), sum(len(t) for t in sets.values())
+        rates = ", ".join(f"{k} {len(sets[k]) / v:.2f}/s" for k, v in secs.items())
+        print(f"{engine:8s} {mode:24s}: {n / total:7.2f} trainings/s  ({rates})", file=sys.stderr, flush=True)
+        if not best or total < best["total"]:
+            best = {"total": total, "mode": mode, **secs}
+    return best
+
+
+def unpinned_loop(args: argparse.Namespace) -> dict:
+    """The per-model loop as a user would run it without this project: a child process with none of the
+    numeric pins (PyTorch's defaults: the CPU's own ISA, oneDNN and MKL's fastest paths)."""
+    env = {k: v for k, v in os.environ.items() if k not in numerics.PIN_VARS} | {numerics.UNPINNED_ENV: "1"}
+    cmd = [sys.executable, "-m", "benchmarks.lockstep", "--engine", "loop", "--mnist", args.mnist]
+    cmd += ["--batch", str(args.batch)]
+    cmd += ["--quick"] * args.quick + ["--epochs", str(args.epochs)] * bool(args.epochs)
+    cmd += ["--per-config", str(args.per_config)] * bool(args.per_config)
+    cp = subprocess.run(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, text=True, check=True)
+    return json.loads(cp.stdout.strip().splitlines()[-1])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument(
-        "--mnist", default=os.environ.get(mnist.MIRROR_ENV, str(Path(__file__).parents[2] / "shared/mnist"))
-    )
+    ap.add_argument("--mnist", default=os.environ.get(mnist.MIRROR_ENV, str(REPO.parent / "shared/mnist")))
     ap.add_argument("--quick", action="store_true", help="fewer trainings, 1 epoch, two (bn, skip) combos")
     ap.add_argument("--epochs", type=int, default=None)
     ap.add_argument("--per-config", type=int, default=None, help="trainings per (arch, widths, bn, skip)")
     ap.add_argument("--batch", type=int, default=64, help="lockstep K upper bound (run_lockstep splits further on CPU)")
     ap.add_argument("--profile", action="store_true", help="also print the top operators of one lockstep job")
+    ap.add_argument("--engine", choices=("both", "loop"), default="both", help=argparse.SUPPRESS)  # the child's
     args = ap.parse_args()
     epochs = args.epochs or (1 if args.quick else 5)
     per_config = args.per_config or (12 if args.quick else 40)
-    batch = args.batch
     cores = os.cpu_count() or 1
     os.environ["TQDM_DISABLE"] = "1"
-
     with tempfile.TemporaryDirectory() as tmp:
         os.environ[mnist.MIRROR_ENV] = args.mnist
         root = mnist.download(Path(tmp) / "mnist")
         splits = (*mnist.load(root, train=True), *mnist.load(root, train=False))
         pairs = Path(tmp) / "pairs"
         write_draws(splits, pairs, n_draws=4, seed=1)
-        torch.set_num_threads(cores)
-        peak = matmul_flops()
-        print(f"matmul peak ({cores} threads, 2048^3 float32): {peak / 1e9:.1f} GFLOP/s")
         sets = spanning_set(per_config, epochs, full=not args.quick)
-        # warm up both engines (imports, allocator, kernels) outside the timings
-        warm = [sets["small"][0], sets["large"][0]]
-        for engine in ("loop", "lockstep"):
-            run_trials(warm, pairs, engine=engine, workers=1, batch=2)
-        best: dict[str, dict[str, float]] = {"loop": {}, "lockstep": {}}
-        modes = {f"1 process x {cores} threads": 1, f"{cores} processes x 1 thread": cores}
-        for mode, workers in modes.items():
-            for engine in ("loop", "lockstep"):
-                secs = {name: timed(trials, pairs, engine, workers, batch) for name, trials in sets.items()}
-                total = sum(secs.values())
-                n = sum(len(t) for t in sets.values())
-                print(
-                    f"{engine:8s} {mode:24s}: {n / total:7.2f} trainings/s  ("
-                    + ", ".join(f"{k} {len(sets[k]) / v:.2f}/s" for k, v in secs.items())
-                    + ")",
-                    flush=True,
-                )
-                if not best[engine] or total < best[engine]["total"]:
-                    best[engine] = {"total": total, "mode": mode, **secs}  # type: ignore[dict-item]
+        if args.engine == "loop":
+            print(json.dumps(measure("loop", sets, pairs, args.batch)))
+            return
+        peak = fma_peak() * cores
+        print(f"float32 FMA peak: {peak / 1e9:.1f} GFLOP/s ({cores} x one core's 2048^3 product, Haswell kernels)")
+        best = {"lockstep": measure("lockstep", sets, pairs, args.batch), "loop": unpinned_loop(args)}
         if args.profile:
             profile_job(sets["large"], pairs)
+    summary(sets, best, peak, epochs, args.batch)
+
+
+def summary(sets: dict[str, list[Trial]], best: dict, peak: float, epochs: int, batch: int) -> None:
     n = sum(len(t) for t in sets.values())
     flops = {name: sum(trial_flops(t) for t in trials) for name, trials in sets.items()}
     loop, lock = best["loop"], best["lockstep"]
-    ratio = loop["total"] / lock["total"]
     print(f"set: {n} trainings, {epochs} epoch(s), both archs, widths {SMALL} and {LARGE}")
-    print(f"loop     best ({loop['mode']}): {n / loop['total']:.2f} trainings/s")
-    print(f"lockstep best ({lock['mode']}, K<={batch}): {n / lock['total']:.2f} trainings/s")
+    print(f"loop     best, unpinned ({loop['mode']}): {n / loop['total']:.2f} trainings/s")
+    print(f"lockstep best, portable ({lock['mode']}, K<={batch}): {n / lock['total']:.2f} trainings/s")
     for engine, res in (("loop", loop), ("lockstep", lock)):
         whole = sum(flops.values()) / res["total"]
         large = flops["large"] / res["large"]
         print(
-            f"{engine:8s} FLOP/s: {whole / 1e9:.1f} G = {whole / peak:.0%} of matmul peak; "
+            f"{engine:8s} FLOP/s: {whole / 1e9:.1f} G = {whole / peak:.0%} of the FMA peak; "
             f"largest widths: {large / 1e9:.1f} G = {large / peak:.0%}"
         )
-    print(f"speedup: {ratio:.2f}x")
+    print(f"speedup: {loop['total'] / lock['total']:.2f}x")
 
 
 if __name__ == "__main__":

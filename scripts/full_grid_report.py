@@ -9,13 +9,13 @@ import shutil
 from dataclasses import asdict
 from pathlib import Path
 
-import numpy as np
-import pandas as pd
-
 from digitpairs.core.io import finite_or_null, write_csv, write_json
 from digitpairs.core.variants import GRID_ARCHS, STUDY_VARIANTS
 from digitpairs.training import study
 from digitpairs.training.trials import Outcome
+
+import numpy as np
+import pandas as pd
 
 DIMENSIONS = {"nbch1": ("nbch1",), "nbch2": ("nbch2",), "nbfch": ("nbfch",), "lr": ("lr",),
               "BN/skip": ("batch_norm", "skip_connections")}  # fmt: skip

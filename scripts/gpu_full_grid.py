@@ -24,15 +24,15 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "scripts")]  # this checkout's package, run_stages, full_grid_report
 
-import full_grid_report as report  # noqa: E402
-import run_stages  # noqa: E402
-
 from digitpairs.core import numerics  # noqa: E402  (the numeric pins, before torch computes)
 from digitpairs.core.io import finite_or_null, read_cv_tables, replacing, write_json  # noqa: E402
 from digitpairs.core.variants import GRID_ARCHS, STUDY_VARIANTS, variant_score  # noqa: E402
 from digitpairs.training import study  # noqa: E402
 from digitpairs.training.runner import Checkpoint, run_trials  # noqa: E402
 from digitpairs.training.trials import make_trial  # noqa: E402
+
+import full_grid_report as report  # noqa: E402
+import run_stages  # noqa: E402
 
 # The original's grid (SPEC.md, experiment 1), all ten draws, on the GPU, as `dvc exp run -S` keys.
 FULL_GRID = {"train.device": "cuda", "data.n_draws": 10, "cv.n_draws": 10, "loss_weights.n_draws": 10,

@@ -1,9 +1,6 @@
 """Stage evaluate: test accuracy of every trained model; metrics.json with means and 95% CIs, and the
 headline metric test_accuracy.json (the mean per variant only, what `dvc metrics show` prints)."""
 
-import pandas as pd
-import torch
-
 from digitpairs.core.io import run_stage, write_csv, write_json
 from digitpairs.core.paths import (
     CONFUSION_CSV,
@@ -20,6 +17,9 @@ from digitpairs.data.pairs import draw_path, load_draw, split
 from digitpairs.training.models import load_model
 from digitpairs.training.study import final_metrics, read_selected
 from digitpairs.training.train import evaluate
+
+import pandas as pd
+import torch
 
 
 def main(p: dict) -> None:

@@ -13,6 +13,7 @@ from pathlib import Path
 from digitpairs.core.io import run_stage
 from digitpairs.core.paths import HEADLINE_FIGURE, PLOTS_DIR, VENDOR_JS
 from digitpairs.report import figures
+
 from stages import undefer
 
 

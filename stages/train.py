@@ -6,13 +6,13 @@ over draws, per epoch) are logged with dvclive into models_out/live.
 
 import shutil
 
-from dvclive import Live
-
 from digitpairs.core.io import run_stage
 from digitpairs.core.paths import CV_DIR, LIVE_DIR, MODELS_DIR, RECIPE_SELECTED
 from digitpairs.core.variants import VARIANTS
 from digitpairs.training.models import save_model
 from digitpairs.training.study import final_trials, read_selected, run
+
+from dvclive import Live
 
 
 def main(p: dict) -> None:

@@ -10,10 +10,10 @@ import os
 import threading
 from pathlib import Path
 
-import pytest
-
 from digitpairs.data import mnist
 from digitpairs.data.pairs import make_draw
+
+import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_MNIST = Path(os.environ.get("SHARED_MNIST", REPO.parent / "shared" / "mnist")).resolve()

@@ -127,7 +127,7 @@ def build_tiny(repo: Path) -> Path:
     clone(repo)
     # natively: the environment a fresh shell has, no numeric pins set from outside (this process imported
     # digitpairs, which pinned its own environment); each stage sets the pins itself on import
-    cp = dvc(repo, "repro", **{k: "" for k in numerics.ENV_PINS})
+    cp = dvc(repo, "repro", **dict.fromkeys(numerics.PIN_VARS, ""))
     (repo.parent / BUILD_LOG).write_text(cp.stdout + cp.stderr)
     (repo.parent / BUILD_STATUS).write_text(sh(repo, "git", "status", "--porcelain", "--untracked-files=all").stdout)
     sh(repo, "git", "add", "-A")

@@ -30,7 +30,9 @@ from pathlib import Path
 
 OUTS = ("data/cv/pair.csv", "data/cv/pair_selected.json")
 CKPT = "data/checkpoints/cv-pair.jsonl"
-PINS = ("MKL_CBWR", "ATEN_CPU_CAPABILITY", "CUBLAS_WORKSPACE_CONFIG", "DIGITPAIRS_UNPINNED")
+# digitpairs.core.numerics's PIN_VARS and UNPINNED_ENV (not imported here: node_env imports torch first)
+PINS = ("MKL_CBWR", "ATEN_CPU_CAPABILITY", "CUBLAS_WORKSPACE_CONFIG", "OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
+PINS += ("OPENBLAS_NUM_THREADS", "DIGITPAIRS_UNPINNED")
 
 
 def node_env(work: Path) -> dict:
@@ -188,11 +190,11 @@ def probe(address: str, workers: int, env: str) -> dict:
     """Wait (60 s at most) for ``workers`` live worker nodes, then report the nodes and what a task
     sees on each worker node, in the stage's runtime environment (``env`` "stage") or with the
     package but without the pins ("unpinned")."""
-    import ray
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
     from digitpairs.core import numerics
     from digitpairs.training.ray_executor import connect, runtime_env
+
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     renv = runtime_env(cluster=True)
     if env == "unpinned":

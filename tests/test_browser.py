@@ -17,13 +17,14 @@ import shutil
 import time
 from pathlib import Path
 
+from digitpairs.core.paths import VENDOR_JS
+from digitpairs.report import figures
+
 import aiohttp
 import pandas as pd
 import pytest
 import yaml
 
-from digitpairs.core.paths import VENDOR_JS
-from digitpairs.report import figures
 from tests.e2e import dvc, sh
 from tests.test_figures import run_stage, write_inputs
 

@@ -1,12 +1,13 @@
 """The numeric pins hold on other CPUs: the same trials give the same bytes natively and under
 ``qemu-x86_64 -cpu MODEL`` (user-mode emulation of another CPU: its CPUID, vendor and instruction set,
-so MKL and PyTorch choose their code paths as they would on that CPU).
+so MKL, OpenBLAS and PyTorch choose their code paths as they would on that CPU).
 
-Emulated models: Intel Haswell (AVX2, the oldest CPU the pins target) and AMD EPYC (Zen 1, AVX2, another
-vendor: MKL chooses its code path by vendor, so the GEMM battery of ``tests/cpu_fingerprint.py`` checks
-that the pinned branch is taken there too). qemu's TCG has no AVX-512, so an AVX-512 model such as
-Cascadelake-Server runs as AVX2 and proves nothing more; the native machine is the AVX-512 one where it
-has it. Needs Debian's qemu-user (``make qemu``); each emulated run takes about 20 s.
+Emulated models: Intel Haswell (AVX2, the oldest CPU the pins target) and Skylake-Server, AMD EPYC
+(Zen 1) and EPYC-Milan (Zen 3): two vendors, since MKL chooses its code path by vendor and OpenBLAS
+its kernels by CPU model, so the GEMM batteries of ``tests/cpu_fingerprint.py`` check that the pinned
+paths are taken on each. qemu's TCG has no AVX-512, so Skylake-Server runs without it (OpenBLAS would
+otherwise pick its SkylakeX kernels there); the native machine is the AVX-512 one where it has it.
+Needs Debian's qemu-user (``make qemu``); each emulated run takes about a minute.
 """
 
 from __future__ import annotations
@@ -17,15 +18,16 @@ import shutil
 import subprocess
 import sys
 
-import pytest
-
 from digitpairs.core import numerics
 from digitpairs.data.pairs import write_draws
+
+import pytest
+
 from tests.e2e import REPO
 
 pytestmark = [pytest.mark.slow, pytest.mark.system]
 QEMU = shutil.which("qemu-x86_64")
-MODELS = ["Haswell", "EPYC"]
+MODELS = ["Haswell", "Skylake-Server", "EPYC", "EPYC-Milan"]
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +38,8 @@ def pairs_dir(tmp_path_factory, mnist_splits):
 
 
 def fingerprint(pairs_dir, *prefix: str, **env: str) -> dict:
-    drop = {numerics.UNPINNED_ENV, *numerics.ENV_PINS}  # as a fresh shell has it (this process pinned itself)
+    # as a fresh shell has it (this process pinned itself)
+    drop = {numerics.UNPINNED_ENV, *numerics.PIN_VARS}
     e = {k: v for k, v in os.environ.items() if k not in drop} | env
     cmd = [*prefix, sys.executable, "-m", "tests.cpu_fingerprint", str(pairs_dir)]
     cp = subprocess.run(cmd, cwd=REPO, env=e, capture_output=True, text=True, timeout=600)
@@ -67,5 +70,6 @@ def test_pins_matter_on_this_cpu(pairs_dir, native):
     if not unpinned["cpu_capability"].startswith("AVX512"):
         pytest.skip(f"this CPU's best torch capability is {unpinned['cpu_capability']}: nothing to pin away")
     assert unpinned["gemm"] != native["gemm"]
+    assert unpinned["gemm_mkl"] != native["gemm_mkl"]
     assert unpinned["lockstep"] != native["lockstep"]
     assert unpinned["loop"] != native["loop"]

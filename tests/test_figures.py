@@ -12,12 +12,12 @@ import sys
 from pathlib import Path
 from xml.etree import ElementTree
 
+from digitpairs.report import figures, findings
+
 import pandas as pd
 import pytest
 import yaml
 from PIL import Image, ImageStat
-
-from digitpairs.report import figures, findings
 
 REPO = Path(__file__).resolve().parents[1]
 CV_GRID = {

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import math
 
-import pandas as pd
-import pytest
-import torch
-
 from digitpairs.core.stats import ci95, holm, paired, welch
 from digitpairs.report import findings
 from digitpairs.training.train import p_less_equal, shift_images
+
+import pandas as pd
+import pytest
+import torch
 
 
 def test_holm_by_hand():

@@ -8,9 +8,10 @@ import sys
 import tarfile
 from pathlib import Path
 
+from digitpairs.core import numerics
+
 import pytest
 
-from digitpairs.core import numerics
 from tests.conftest import SHARED_MNIST
 from tests.e2e import REPO, TINY, pipeline_outputs, sh
 
@@ -26,7 +27,7 @@ TINY_SETTINGS = [
 def gpu_script(tmp_path: Path, *args: str):
     # as a fresh shell runs it: no numeric pins from this process (the script and each stage set them)
     return sh(
-        tmp_path, sys.executable, str(REPO / "scripts/gpu_full_grid.py"), *args, **dict.fromkeys(numerics.ENV_PINS, "")
+        tmp_path, sys.executable, str(REPO / "scripts/gpu_full_grid.py"), *args, **dict.fromkeys(numerics.PIN_VARS, "")
     )
 
 

@@ -174,6 +174,7 @@ def test_tiny_params_are_valid():
     import copy
 
     from digitpairs.core.params import parse, validate
+
     from tests.e2e import REPO
 
     p = parse((REPO / "params.yaml").read_text())

@@ -4,10 +4,6 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-import pytest
-import torch
-import torch.nn.functional as F
-
 from digitpairs.core.variants import variant_score
 from digitpairs.data.pairs import make_draw, write_draws
 from digitpairs.training import lockstep
@@ -15,6 +11,10 @@ from digitpairs.training.lockstep import conv1_cols, group_trials, im2col, run_l
 from digitpairs.training.runner import run_trials
 from digitpairs.training.train import TrainConfig
 from digitpairs.training.trials import Trial, make_trial, run_trial
+
+import pytest
+import torch
+import torch.nn.functional as F
 
 TINY = dict(nbch1=4, nbch2=8, nbfch=16)
 

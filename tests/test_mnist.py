@@ -5,11 +5,12 @@ from __future__ import annotations
 import shutil
 import socket
 
+from digitpairs.data import mnist
+
 import pytest
 import torch
 from torchvision.datasets import MNIST
 
-from digitpairs.data import mnist
 from tests.conftest import serve
 
 FILES = [name for name, _ in MNIST.resources]

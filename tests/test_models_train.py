@@ -4,9 +4,6 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-import pytest
-import torch
-
 from digitpairs.core.seeding import generator
 from digitpairs.core.variants import VARIANTS, variant_score
 from digitpairs.data.pairs import split
@@ -22,6 +19,9 @@ from digitpairs.training.train import (
     warp_images,
 )
 from digitpairs.training.trials import make_trial, run_trial
+
+import pytest
+import torch
 
 SMALL = dict(nbch1=8, nbch2=8, nbfch=16)
 

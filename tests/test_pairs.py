@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import hashlib
 
+from digitpairs.data.pairs import SPLITS, draw_path, load_draw, make_draw, save_draw
+
 import torch
 import torch.nn.functional as F
-
-from digitpairs.data.pairs import SPLITS, draw_path, load_draw, make_draw, save_draw
 
 
 def test_shapes_dtypes_ranges(draw0):

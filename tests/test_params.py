@@ -7,10 +7,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+from digitpairs.core.params import MNIST_IMAGES, ParamError, max_pairs, parse, validate
+
 import pytest
 import yaml
 
-from digitpairs.core.params import MNIST_IMAGES, ParamError, max_pairs, parse, validate
 from tests.e2e import REPO, TINY, edited_text, merged
 
 DEFAULTS = parse((REPO / "params.yaml").read_text())

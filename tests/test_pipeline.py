@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import json
 
+from digitpairs.report.findings import CLAIMS as FINDINGS
+
 import pandas as pd
 import pytest
 import yaml
 
-from digitpairs.report.findings import CLAIMS as FINDINGS
 from tests.e2e import build_log, build_status, dvc, ran, set_params
 
 pytestmark = pytest.mark.slow

@@ -7,9 +7,10 @@ import secrets
 import time
 from pathlib import Path
 
+from digitpairs.training.study import cv_table, cv_trials
+
 import pytest
 
-from digitpairs.training.study import cv_table, cv_trials
 from tests.test_runner import PARAMS, pairs_dir  # noqa: F401  (fixture)
 
 ray = pytest.importorskip("ray")
@@ -120,7 +121,8 @@ def test_the_runtime_environment_carries_the_pins_and_the_package():
     from digitpairs.training.ray_executor import runtime_env
 
     local, cluster = runtime_env(cluster=False), runtime_env(cluster=True)
-    assert local == {"env_vars": {**numerics.ENV_PINS, numerics.UNPINNED_ENV: "0"}}
+    blas = numerics.OPENBLAS_PINS if numerics.avx2_fma() else {}
+    assert local == {"env_vars": {**numerics.ENV_PINS, **blas, numerics.UNPINNED_ENV: "0"}}
     assert cluster["env_vars"] == local["env_vars"]
     (pkg,) = cluster["py_modules"]
     assert Path(pkg, "__init__.py").is_file() and Path(pkg).name == "digitpairs"

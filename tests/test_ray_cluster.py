@@ -14,9 +14,10 @@ import sys
 import tempfile
 from pathlib import Path
 
+from digitpairs.core import numerics
+
 import pytest
 
-from digitpairs.core import numerics
 from tests.e2e import REPO, TINY, clone, dvc, env
 
 pytest.importorskip("ray")
@@ -86,7 +87,7 @@ def test_pins_reach_every_node_before_torch_loads(cluster_run):
     assert {t["node"] for t in stage} == workers
     for t in stage:  # torch imported first thing in the task: the pins were in its environment already
         assert t["cpu_capability"] == "AVX2"
-        assert {k: t["pins"][k] for k in numerics.ENV_PINS} == numerics.ENV_PINS
+        assert {k: t["pins"][k] for k in numerics.PIN_VARS} == numerics.env()
         assert t["digest"] == r["start"]["driver_digest"]
         assert "/runtime_resources/py_modules_files/" in t["digitpairs"]  # shipped, not found on the node
         assert "/runtime_resources/working_dir_files/" in t["cwd"]  # not the driver's folder

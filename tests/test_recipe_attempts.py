@@ -9,6 +9,7 @@ import runpy
 import sys
 
 from digitpairs.core.variants import ALL_ADDITIONS
+
 from tests.e2e import REPO, sh
 
 ATTEMPTS = runpy.run_path(str(REPO / "scripts/recipe_attempts.py"))["ATTEMPTS"]

@@ -9,9 +9,10 @@ import sys
 import zipfile
 from runpy import run_path
 
+from digitpairs.core import numerics
+
 import pytest
 
-from digitpairs.core import numerics
 from tests.e2e import REPO, clone, pipeline_outputs, sh
 
 script = run_path(str(REPO / "scripts/run_stages.py"))
@@ -63,6 +64,6 @@ def test_a_python_without_dvc_gets_the_missing_packages_from_wheels(tmp_path, mo
 def test_without_dvc_every_output_is_the_bytes_dvc_repro_wrote(tiny_built, tmp_path):
     repo = clone(tmp_path / "repo")  # the tiny params, no outputs
     # as a fresh shell runs it: no numeric pins from this process (each stage sets them on import)
-    cp = sh(repo, sys.executable, "scripts/run_stages.py", **{k: "" for k in numerics.ENV_PINS})
+    cp = sh(repo, sys.executable, "scripts/run_stages.py", **dict.fromkeys(numerics.PIN_VARS, ""))
     assert re.findall(r"Running stage '([^']+)'", cp.stdout) == list(ordered(repo))
     assert pipeline_outputs(repo) == pipeline_outputs(tiny_built)

@@ -7,12 +7,13 @@ import io
 import json
 import re
 from dataclasses import replace
-
-import pytest
+from pathlib import Path
 
 from digitpairs.data.pairs import write_draws
 from digitpairs.training.runner import Checkpoint, run_trials
 from digitpairs.training.study import cv_trials
+
+import pytest
 
 PARAMS = {
     "train": {"epochs": 1, "batch_size": 100, "shuffle": True, "relu_logits": False},
@@ -122,3 +123,17 @@ def test_progress_bar_on_a_terminal_only_and_on_stderr(pairs_dir, capsys):
         run_trials(ts, pairs_dir, workers=1, desc="cv@pair")
     assert re.search(r"cv@pair: 100%.*2/2 \[.*<.*trial/s\]", tty.getvalue())
     assert "cv@pair" not in capsys.readouterr().out
+
+
+def test_checkpoint_code_digest_ignores_docstrings_and_comments():
+    """A doc edit in the training code keeps every checkpoint (DVC reruns the stage, which resumes all
+    its trials); a change to the code itself does not."""
+    from digitpairs.training import lockstep
+    from digitpairs.training.runner import parsed_code
+
+    source = Path(lockstep.__file__).read_text()
+    edited = source.replace('"""Lockstep engine:', '"""The lockstep engine, reworded:', 1)
+    edited = edited.replace("EPS, MOMENTUM = 1e-5, 0.1", "EPS, MOMENTUM = 1e-5, 0.1  # a new comment", 1)
+    assert edited != source and parsed_code(edited) == parsed_code(source)
+    changed = source.replace("EPS, MOMENTUM = 1e-5, 0.1", "EPS, MOMENTUM = 1e-5, 0.2", 1)
+    assert parsed_code(changed) != parsed_code(source)

@@ -16,10 +16,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import NoReturn
 
-import pandas as pd
-
 from digitpairs.core import params as params_module
 from digitpairs.core.variants import GRID_ARCHS
+
+import pandas as pd
 
 
 class StageError(RuntimeError):

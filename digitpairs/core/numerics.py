@@ -1,19 +1,27 @@
-"""Numeric pins: the same params give the same bits on any x86-64 CPU with AVX2.
+"""Numeric pins: the same params give the same bits on any x86-64 CPU with AVX2 and FMA.
 
 Without them the numeric libraries pick a code path per CPU (AVX2, AVX-512, AMX, another vendor),
 round differently, and 25 epochs of SGD turn the last bit into another model. Each pin below is a
 control the library itself documents; nothing is re-implemented here.
 
-- ``MKL_CBWR=COMPATIBLE`` (every GEMM: the lockstep engine's batched matmuls, the loop engine's
-  linear layers and im2col convolutions). oneMKL's Conditional Numerical Reproducibility: the
-  COMPATIBLE branch (SSE2 instructions) is the one the guide names for Intel and Intel-compatible
-  processors alike (oneMKL Developer Guide, "Getting Started with Conditional Numerical
-  Reproducibility"); single-threaded, as every job runs, it needs no strict mode. The AVX2 branch
-  (``AVX2,STRICT``) is promised for Intel CPUs only, and on AMD CPUs MKL runs its own path: under it
-  a [100 x 9] @ [9 x 8] product already rounds differently on an emulated AMD EPYC than on an Intel
-  CPU, and a default ``dvc repro`` computed on an AMD EPYC differed from one on an Intel Xeon with
-  AMX in 15 of its 18 outputs. COMPATIBLE gives the same bytes on both (``tests/test_cpus.py``: its
-  GEMM battery and trainings, natively and on emulated Intel Haswell and AMD EPYC).
+- ``MKL_CBWR=COMPATIBLE`` (every GEMM outside the lockstep engine: the loop engine's linear layers
+  and im2col convolutions; ``DIGITPAIRS_GEMM=mkl`` puts the lockstep engine's products here too).
+  oneMKL's Conditional Numerical Reproducibility: the COMPATIBLE branch (SSE2 instructions) is the
+  one the guide names for Intel and Intel-compatible processors alike (oneMKL Developer Guide,
+  "Getting Started with Conditional Numerical Reproducibility"); single-threaded, as every job runs,
+  it needs no strict mode. The AVX2 branch (``AVX2,STRICT``) is promised for Intel CPUs only, and on
+  AMD CPUs MKL runs its own path: under it a [100 x 9] @ [9 x 8] product already rounds differently
+  on an emulated AMD EPYC than on an Intel CPU, and a default ``dvc repro`` computed on an AMD EPYC
+  differed from one on an Intel Xeon with AMX in 15 of its 18 outputs. COMPATIBLE gives the same
+  bytes on both (``tests/test_cpus.py``: its GEMM battery and trainings, natively and on emulated
+  Intel and AMD CPUs), at about a third of the speed of the CPU's FMA units, hence the lockstep
+  engine's own road below.
+- ``OPENBLAS_CORETYPE=Haswell`` and ``OPENBLAS_L2_SIZE`` (the lockstep engine's products, on numpy's
+  OpenBLAS: :mod:`digitpairs.core.gemm`, which says why). Set only on an x86-64 CPU with AVX2 and FMA,
+  where the Haswell kernels run; a value the user's environment sets is overridden. OpenBLAS reads
+  them when numpy loads, so :func:`check` refuses a process whose numpy was imported before.
+- ``OPENBLAS_NUM_THREADS=1``: the BLAS threads start as one; each lockstep job sets the count to its
+  torch thread count (:func:`blas_threads`).
 - ``ATEN_CPU_CAPABILITY=avx2`` (reductions, softmax, exp/log, batch-norm statistics, max-pool):
   PyTorch compiles these kernels once per ISA and its DispatchStub uses at most the capability named
   by this variable (read once, at the first dispatched operation).
@@ -31,8 +39,9 @@ control the library itself documents; nothing is re-implemented here.
   its own setting.
 
 Torch threads are pinned separately (``runner.THREADS_PER_JOB``). The environment variables must be
-set before torch runs its first operation, so importing :mod:`digitpairs` sets them
-(:func:`pin`); :func:`check` refuses a process where torch ran too early.
+set before numpy loads and torch runs its first operation, so importing :mod:`digitpairs` sets them
+(:func:`pin`; the project's imports put it first) and :func:`check` refuses a process where either
+came too early.
 ``DIGITPAIRS_UNPINNED=1`` turns the pins off, for measuring what they cost or showing what they fix;
 it changes :func:`fingerprint`, so checkpoints never mix pinned and unpinned trials.
 """
@@ -49,6 +58,7 @@ import warnings
 from functools import cache
 from hashlib import sha256
 from importlib.machinery import ModuleSpec
+from pathlib import Path
 from types import ModuleType
 
 ENV_PINS = {
@@ -56,6 +66,10 @@ ENV_PINS = {
     "ATEN_CPU_CAPABILITY": "avx2",
     "CUBLAS_WORKSPACE_CONFIG": ":4096:8",
 }
+# numpy's OpenBLAS (core/gemm.py): the Haswell kernels, a fixed L2 size (Haswell's), one thread to start
+OPENBLAS_PINS = {"OPENBLAS_CORETYPE": "Haswell", "OPENBLAS_L2_SIZE": "262144", "OPENBLAS_NUM_THREADS": "1"}
+OPENBLAS_CORE = OPENBLAS_PINS["OPENBLAS_CORETYPE"]
+PIN_VARS = (*ENV_PINS, *OPENBLAS_PINS)  # every variable the pins set (a fresh shell has none of them)
 UNPINNED_ENV = "DIGITPAIRS_UNPINNED"
 EXPECTED_CAPABILITY = "AVX2"
 
@@ -65,9 +79,25 @@ def pinned() -> bool:
     return os.environ.get(UNPINNED_ENV, "") in ("", "0")
 
 
+@cache
+def avx2_fma() -> bool:
+    """Whether this is an x86-64 CPU with AVX2 and FMA (Linux's ``/proc/cpuinfo``), where OpenBLAS's
+    Haswell kernels run; elsewhere they would stop at their first instruction, so they are not forced."""
+    if platform.machine() not in ("x86_64", "AMD64"):
+        return False
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((ln.split(":", 1)[1].split() for ln in f if ln.startswith("flags")), [])
+    except OSError:
+        return False
+    return {"avx2", "fma"} <= set(flags)
+
+
 def env() -> dict[str, str]:
     """The environment variables a computing process needs (for Ray's runtime_env, subprocesses)."""
-    return dict(ENV_PINS) if pinned() else {UNPINNED_ENV: "1"}
+    if not pinned():
+        return {UNPINNED_ENV: "1"}
+    return dict(ENV_PINS) | (OPENBLAS_PINS if avx2_fma() else {})
 
 
 def pin() -> None:
@@ -75,11 +105,10 @@ def pin() -> None:
     as it is imported (now, if it already is): a stage that never computes, such as check_params,
     findings or figures, does not pay the two seconds of importing torch.
 
-    Overrides values set from outside: a user's ``ATEN_CPU_CAPABILITY=avx512`` would otherwise
-    silently give other results than the committed ones.
+    Overrides values set from outside: a user's ``ATEN_CPU_CAPABILITY=avx512`` or
+    ``OPENBLAS_CORETYPE=SkylakeX`` would otherwise silently give other results than the committed ones.
     """
-    if pinned():
-        os.environ.update(ENV_PINS)
+    os.environ.update(env())
     if "torch" in sys.modules:
         _configure(sys.modules["torch"])
     elif not any(isinstance(f, _TorchImport) for f in sys.meta_path):
@@ -113,26 +142,57 @@ class _TorchImport(importlib.abc.MetaPathFinder):
 
 
 def check() -> None:
-    """Refuse a process whose torch dispatched before the pins were set (it would compute with the
-    CPU's best ISA); warn on a CPU that lacks AVX2, where the committed results cannot be promised."""
+    """Refuse a process whose torch dispatched, or whose numpy loaded OpenBLAS, before the pins were set
+    (it would compute with the CPU's own kernels); warn on a CPU without AVX2 and FMA, where the
+    committed results cannot be promised."""
     if not pinned():
         return
     import torch
 
     cap = torch.backends.cpu.get_cpu_capability()
-    if cap == EXPECTED_CAPABILITY:
-        return
     if platform.machine() in ("x86_64", "AMD64") and cap.startswith("AVX512"):
         raise RuntimeError(
             f"torch already runs with CPU capability {cap}: it computed something before digitpairs set its "
             "numeric pins. Import digitpairs before running any torch operation (or set "
             f"ATEN_CPU_CAPABILITY=avx2 in the environment)."
         )
-    warnings.warn(
-        f"this CPU offers torch capability {cap}, not {EXPECTED_CAPABILITY}: results are reproducible on this "
-        "machine but may differ from those computed on x86-64 CPUs with AVX2 (the committed dvc.lock).",
-        stacklevel=2,
+    core = openblas()["architecture"]
+    if avx2_fma() and core != OPENBLAS_CORE:
+        raise RuntimeError(
+            f"numpy's OpenBLAS runs its {core} kernels, not {OPENBLAS_CORE}'s: numpy was imported before digitpairs "
+            f"set OPENBLAS_CORETYPE. Import digitpairs before numpy, pandas or torch (or set "
+            f"OPENBLAS_CORETYPE={OPENBLAS_CORE} in the environment)."
+        )
+    if cap != EXPECTED_CAPABILITY or not avx2_fma():
+        warnings.warn(
+            f"this CPU offers torch capability {cap}{'' if avx2_fma() else ' and lacks AVX2 or FMA'}: results are "
+            "reproducible on this machine but may differ from those computed on x86-64 CPUs with AVX2 and FMA "
+            "(the committed dvc.lock).",
+            stacklevel=2,
+        )
+
+
+@cache
+def openblas() -> dict[str, str]:
+    """Version and kernel set (``architecture``) of the OpenBLAS that numpy loaded, as threadpoolctl reads
+    them from the library itself; refuses a numpy without its bundled OpenBLAS (another build of numpy)."""
+    import numpy
+    from threadpoolctl import threadpool_info
+
+    for lib in threadpool_info():
+        if lib["internal_api"] == "openblas" and Path(lib["filepath"]).parent.name in ("numpy.libs", ".dylibs"):
+            return {"version": lib["version"], "architecture": lib["architecture"]}
+    raise RuntimeError(
+        f"numpy {numpy.__version__} ({numpy.__file__}) does not use the OpenBLAS of its PyPI wheel, which the "
+        "lockstep engine's products rely on: `pip install -r requirements.txt` installs the pinned numpy."
     )
+
+
+def blas_threads(n: int):
+    """A context in which numpy's OpenBLAS uses ``n`` threads (threadpoolctl's documented control)."""
+    from threadpoolctl import threadpool_limits
+
+    return threadpool_limits(limits=n, user_api="blas")
 
 
 @cache
@@ -148,9 +208,16 @@ def fingerprint(device: str = "cpu") -> dict[str, str]:
         for line in torch.__config__.show().splitlines()
         if "Math Kernel Library" in line or "MKL-DNN" in line
     ]
+    from digitpairs.core.gemm import backend
+
+    import numpy
+
     out = {
         "pins": json.dumps(env(), sort_keys=True),
         "torch": torch.__version__,
+        "gemm": backend(),
+        "numpy": numpy.__version__,
+        "openblas": json.dumps(openblas(), sort_keys=True),
         "libraries": "; ".join(libs),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "mkldnn": str(torch.backends.mkldnn.enabled),

@@ -8,12 +8,12 @@ import tempfile
 from pathlib import Path
 from urllib.error import URLError
 
+from digitpairs.core.io import StageError
+from digitpairs.core.paths import repo_root
+
 import torch
 from torchvision.datasets import MNIST
 from torchvision.datasets.utils import check_integrity, download_and_extract_archive, extract_archive
-
-from digitpairs.core.io import StageError
-from digitpairs.core.paths import repo_root
 
 MIRROR_ENV = "MNIST_MIRROR"
 FIX = (

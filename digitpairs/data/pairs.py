@@ -7,14 +7,14 @@ import math
 from fractions import Fraction
 from pathlib import Path
 
+from digitpairs.core.io import StageError, replacing
+from digitpairs.core.params import images_needed
+from digitpairs.core.seeding import generator
+
 import torch
 import torch.nn.functional as F
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
-
-from digitpairs.core.io import StageError, replacing
-from digitpairs.core.params import images_needed
-from digitpairs.core.seeding import generator
 
 SPLITS = ("train", "val", "test")
 FIELDS = ("input", "target", "classes", "index")

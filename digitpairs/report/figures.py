@@ -17,17 +17,17 @@ import matplotlib
 
 matplotlib.use("Agg")  # no display; also keeps the output independent of the machine's backend
 
-import matplotlib.pyplot as plt  # noqa: E402
-import pandas as pd  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
-
 from digitpairs.core.io import read_cv_tables, replacing, write_csv  # noqa: E402
 from digitpairs.core.params import GRID_KEYS  # noqa: E402
 from digitpairs.core.paths import CV_DIR  # noqa: E402
 from digitpairs.core.stats import group_error, mean_std  # noqa: E402
 from digitpairs.core.variants import VARIANTS as ALL_VARIANTS  # noqa: E402
 from digitpairs.report.findings import CLAIMS  # noqa: E402
+
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 VARIANTS = tuple(ALL_VARIANTS)
 # Okabe-Ito: distinguishable under the common colour-vision deficiencies.

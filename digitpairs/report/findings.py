@@ -10,13 +10,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pandas as pd
-
 from digitpairs.core.io import read_cv_tables
 from digitpairs.core.params import GRID_KEYS
 from digitpairs.core.paths import CV_DIR
 from digitpairs.core.stats import holm, mean_std, paired, welch
 from digitpairs.core.variants import ALL_ADDITIONS, PLUS, STUDY_VARIANTS, VARIANTS
+
+import pandas as pd
 
 # slug -> what it compares (figure and docs/findings.md label)
 CLAIMS = {

@@ -28,9 +28,8 @@ from dataclasses import replace
 from functools import cache
 from itertools import groupby
 
-import torch
-import torch.nn.functional as F
-
+from digitpairs.core import numerics
+from digitpairs.core.gemm import bmm, linear
 from digitpairs.data.pairs import Draw, split
 from digitpairs.training.models import build_model, weight_names
 from digitpairs.training.train import (
@@ -46,6 +45,9 @@ from digitpairs.training.train import (
 )
 from digitpairs.training.trials import Outcome, Trial
 
+import torch
+import torch.nn.functional as F
+
 EPS, MOMENTUM = 1e-5, 0.1  # nn.BatchNorm's defaults
 # pairs per evaluation forward: bounds memory, results do not depend on it; on CPU, 100 keeps a
 # forward's maps in cache (250 was 3-10% slower at the largest widths)
@@ -54,7 +56,7 @@ EVAL_CHUNK = 100
 # siamese models at widths 64). Measured on a 2-core machine, 12 trainings at widths 64: with one
 # thread, time per model-step flat from K = 1 to 12 (within 10%); with two, pair K = 12 was 12-15%
 # faster than K = 9 (fewer chunks, larger batched matmuls), siamese K = 4 and 6 equal.
-CPU_ACTIVATION_BYTES = 48 << 20
+CPU_ACTIVATION_BYTES = int(os.environ.get("XACT", 48)) << 20
 # CUDA: every job whose step is graphable (run_lockstep) captures it as a CUDA graph after this many
 # eager steps (see _GraphedStep); DIGITPAIRS_CUDA_GRAPHS=0 turns that off (in worker processes too).
 CUDA_GRAPHS = os.environ.get("DIGITPAIRS_CUDA_GRAPHS", "1") != "0"
@@ -146,10 +148,10 @@ class _ConvPoolReLU(torch.autograd.Function):
         k, n = cols.shape[0], weight.shape[2]
         cq = cols.view(k, 4, -1, cols.shape[2])
         m, z = _maps(k, cq.shape[2], n, cols), _maps(k, cq.shape[2], n, cols)
-        torch.bmm(cq[:, 0], weight, out=m)
+        bmm(cq[:, 0], weight, out=m)
         diffs = []
         for q in (1, 2, 3):
-            torch.bmm(cq[:, q], weight, out=z)
+            bmm(cq[:, q], weight, out=z)
             diffs.append(z - m)
             torch.maximum(m, z, out=m)
         h = m.add_(bias).clamp_min_(0)
@@ -178,9 +180,9 @@ class _ConvPoolReLU(torch.autograd.Function):
                 part = (cq[:, q].transpose(1, 2), mine)  # [K, 9C, n]
             else:
                 part = (mine.transpose(1, 2), cq[:, q])  # [K, n, 9C]: the fast product for few channels
-            grad_w = torch.bmm(*part) if grad_w is None else grad_w.baddbmm_(*part)
+            grad_w = bmm(*part) if grad_w is None else grad_w.add_(bmm(*part))
             if q:
-                g = g - mine
+                g.sub_(mine)  # exact: mine is g or 0 in each element
         if not h.is_contiguous():
             grad_w = grad_w.transpose(1, 2)
         return None, grad_w.contiguous(), grad_bias
@@ -191,9 +193,9 @@ def _conv_pool_relu(cols: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     k, n = cols.shape[0], weight.shape[2]
     cq = cols.view(k, 4, -1, cols.shape[2])
     m, z = _maps(k, cq.shape[2], n, cols), _maps(k, cq.shape[2], n, cols)
-    torch.bmm(cq[:, 0], weight, out=m)
+    bmm(cq[:, 0], weight, out=m)
     for q in (1, 2, 3):
-        torch.maximum(m, torch.bmm(cq[:, q], weight, out=z), out=m)
+        torch.maximum(m, bmm(cq[:, q], weight, out=z), out=m)
     return m.add_(bias).clamp_min_(0).contiguous()
 
 
@@ -362,7 +364,7 @@ class _Stack:
         return out
 
     def _linear(self, h: torch.Tensor, layer: str) -> torch.Tensor:
-        return torch.baddbmm(self.t[f"{layer}.bias"], h, self.t[f"{layer}.weight"])
+        return linear(self.t[f"{layer}.bias"], h, self.t[f"{layer}.weight"])
 
     def _bn(self, h: torch.Tensor, layer: str, training: bool) -> torch.Tensor:
         """Batch norm over dim 1 of ``[K, rows, channels]``, per model, like nn.BatchNorm in train/eval."""
@@ -514,7 +516,9 @@ def run_lockstep(
     """Train the trials of ``job`` together; one :class:`Outcome` per trial, as ``run_trial`` gives.
 
     Each model keeps its own initial weights, data draw, shuffle order, lr, loss weights and
-    batch-norm statistics; only the arithmetic is shared.
+    batch-norm statistics; only the arithmetic is shared. On the CPU the job runs in chunks of
+    :data:`CPU_ACTIVATION_BYTES` (results do not depend on the split: the models are independent),
+    with as many BLAS threads as torch threads.
     """
     if not job:
         return []
@@ -524,93 +528,25 @@ def run_lockstep(
             "a lockstep job needs trials of one model config and training settings but lr and loss weights."
         )
     dev = torch.device(device)
-    if dev.type == "cpu":
-        _tune_cpu_allocator()
-        images = ref.train.batch_size * (1 if ref.model.arch == "pair" else 2)
-        k_cpu = max(1, CPU_ACTIVATION_BYTES // (images * 144 * ref.model.nbch1 * 4))
-        if len(job) > k_cpu:  # results do not depend on the split: models are independent
-            return [
-                o
-                for i in range(0, len(job), k_cpu)
-                for o in run_lockstep(job[i : i + k_cpu], draws, device, record_grad_norms)
-            ]
+    if dev.type != "cpu":
+        return _run(job, draws, dev, record_grad_norms)
+    _tune_cpu_allocator()
+    images = ref.train.batch_size * (1 if ref.model.arch == "pair" else 2)
+    k_cpu = max(1, CPU_ACTIVATION_BYTES // (images * 144 * ref.model.nbch1 * 4))
+    with numerics.blas_threads(torch.get_num_threads()):
+        return [o for i in range(0, len(job), k_cpu) for o in _run(job[i : i + k_cpu], draws, dev, record_grad_norms)]
+
+
+def _run(job: list[Trial], draws: dict[int, Draw], dev: torch.device, record_grad_norms: bool) -> list[Outcome]:
+    """:func:`run_lockstep` for one chunk: train, then score the validation and test pairs."""
     data = _Split(job, draws, "train", dev)
-    n = data.n
     for t in job:
-        check_hparams(t.model.arch, t.train, n)
+        check_hparams(t.model.arch, t.train, data.n)
     stack = _Stack(job, dev)
-    k, tc = len(job), ref.train
-    lr = torch.tensor([t.train.lr for t in job], device=dev)
-    w2 = torch.tensor([t.train.w2 for t in job], device=dev)
-    w10 = torch.tensor([t.train.w10 for t in job], device=dev)
-    gens = [t.shuffle_generator() for t in job]
-    shift_gens = [t.shift_generator() for t in job]
-    elastic_gens = [t.elastic_generator() for t in job]
-    bs = int(tc.batch_size)
-    steps = tc.epochs * ((n + bs - 1) // bs)
-    norms = torch.zeros(steps, k, len(stack.weights), device=dev) if record_grad_norms else None
-    neg_lr = [-lr.view(-1, *([1] * (p.dim() - 1))) for p in stack.params]
-    epoch_loss = torch.zeros(tc.epochs, k, device=dev)
-    momentum: list[torch.Tensor] = []  # torch.optim.SGD's buffers, created at the first step
-
-    def sgd_step(
-        rows: torch.Tensor,
-        loss_acc: torch.Tensor,
-        norms_row: torch.Tensor | None = None,
-        offsets: torch.Tensor | None = None,
-        factor: float = 1.0,
-        fields: torch.Tensor | None = None,
-    ) -> None:
-        """One mini-batch for all K models: forward, backward, SGD update; adds the losses to ``loss_acc``.
-
-        The update is ``torch.optim.SGD``'s (weight decay, then momentum, Nesterov or not), each model
-        with its own lr times the schedule's ``factor``; the study's plain SGD skips the extra terms."""
-        cols, flat, tgt, cls = data.take(rows, offsets, fields)
-        losses = _losses(stack, stack.forward(cols, flat, True), tgt, cls, w2, w10, tc.label_smoothing)
-        grads = list(torch.autograd.grad(losses.sum(), stack.params))
-        with torch.no_grad():
-            if norms_row is not None:
-                gw = dict(zip(map(id, stack.params), grads, strict=True))
-                norms_row.copy_(torch.stack([gw[id(w)].flatten(1).norm(dim=1) for w in stack.weights], 1))
-            if tc.weight_decay:
-                grads = torch._foreach_add(grads, stack.params, alpha=tc.weight_decay)
-            if tc.momentum:
-                if momentum:
-                    torch._foreach_mul_(momentum, tc.momentum)
-                    torch._foreach_add_(momentum, grads)
-                else:
-                    momentum.extend(g.clone() for g in grads)
-                grads = torch._foreach_add(grads, momentum, alpha=tc.momentum) if tc.nesterov else momentum
-            for p, g, lv in zip(stack.params, grads, neg_lr, strict=True):
-                p.addcmul_(g, lv if factor == 1.0 else lv * factor)  # each model its own lr
-            loss_acc += losses.detach() * rows.shape[1]
-            for t in stack.counters:
-                t += 1
-
-    # A graph freezes the step's shapes (every mini-batch full), its lr and its inputs' pixels, and
-    # records no per-step output.
-    plain = tc.schedule == "constant" and not tc.shift and not tc.elastic
-    graphable = dev.type == "cuda" and CUDA_GRAPHS and n % bs == 0 and norms is None and plain
-    step_fn = _GraphedStep(sgd_step, k, bs, dev) if graphable else sgd_step
-    step = 0
-    for epoch in range(tc.epochs):
-        order = torch.stack([epoch_order(n, tc.shuffle, g) for g in gens]).to(dev) + data.offset
-        for start in range(0, n, bs):
-            rows = order[:, start : start + bs]
-            if graphable:
-                step_fn(rows, epoch_loss[epoch])
-            else:
-                b = rows.shape[1]
-                offsets = torch.stack([shift_offsets(b, tc.shift, g) for g in shift_gens]) if tc.shift else None
-                fields = (
-                    torch.stack([elastic_fields(b, tc.elastic, tc.elastic_sigma, g) for g in elastic_gens]).to(dev)
-                    if tc.elastic
-                    else None
-                )
-                norms_row = norms[step] if norms is not None else None
-                step_fn(rows, epoch_loss[epoch], norms_row, offsets, lr_factor(tc, step, steps), fields)
-            step += 1
-    epoch_loss = (epoch_loss / n).cpu()
+    tc = job[0].train
+    steps = tc.epochs * -(-data.n // int(tc.batch_size))
+    norms = torch.zeros(steps, len(job), len(stack.weights), device=dev) if record_grad_norms else None
+    epoch_loss = _train(_SGDStep(stack, data, job, dev), data, job, dev, norms)
     scores = [{} for _ in job]
     for name in ("val", "test"):
         for i, s in enumerate(_evaluate(stack, job, draws, name, dev)):
@@ -629,6 +565,95 @@ def run_lockstep(
         )
         for i, trial in enumerate(job)
     ]
+
+
+class _SGDStep:
+    """One mini-batch for all K models: forward, backward, SGD update; adds the losses to ``loss_acc``.
+
+    The update is ``torch.optim.SGD``'s (weight decay, then momentum, Nesterov or not), each model
+    with its own lr times the schedule's ``factor``; the study's plain SGD skips the extra terms."""
+
+    def __init__(self, stack: _Stack, data: _Split, job: list[Trial], dev: torch.device) -> None:
+        self.stack, self.data, self.tc = stack, data, job[0].train
+        lr = torch.tensor([t.train.lr for t in job], device=dev)
+        self.w2 = torch.tensor([t.train.w2 for t in job], device=dev)
+        self.w10 = torch.tensor([t.train.w10 for t in job], device=dev)
+        self.neg_lr = [-lr.view(-1, *([1] * (p.dim() - 1))) for p in stack.params]
+        self.momentum: list[torch.Tensor] = []  # torch.optim.SGD's buffers, created at the first step
+
+    def __call__(
+        self,
+        rows: torch.Tensor,
+        loss_acc: torch.Tensor,
+        norms_row: torch.Tensor | None = None,
+        offsets: torch.Tensor | None = None,
+        factor: float = 1.0,
+        fields: torch.Tensor | None = None,
+    ) -> None:
+        stack, tc = self.stack, self.tc
+        cols, flat, tgt, cls = self.data.take(rows, offsets, fields)
+        losses = _losses(stack, stack.forward(cols, flat, True), tgt, cls, self.w2, self.w10, tc.label_smoothing)
+        grads = list(torch.autograd.grad(losses.sum(), stack.params))
+        with torch.no_grad():
+            if norms_row is not None:
+                gw = dict(zip(map(id, stack.params), grads, strict=True))
+                norms_row.copy_(torch.stack([gw[id(w)].flatten(1).norm(dim=1) for w in stack.weights], 1))
+            self._update(grads, factor)
+            loss_acc += losses.detach() * rows.shape[1]
+            for t in stack.counters:
+                t += 1
+
+    def _update(self, grads: list[torch.Tensor], factor: float) -> None:
+        tc, momentum = self.tc, self.momentum
+        if tc.weight_decay:
+            grads = torch._foreach_add(grads, self.stack.params, alpha=tc.weight_decay)
+        if tc.momentum:
+            if momentum:
+                torch._foreach_mul_(momentum, tc.momentum)
+                torch._foreach_add_(momentum, grads)
+            else:
+                momentum.extend(g.clone() for g in grads)
+            grads = torch._foreach_add(grads, momentum, alpha=tc.momentum) if tc.nesterov else momentum
+        for p, g, lv in zip(self.stack.params, grads, self.neg_lr, strict=True):
+            p.addcmul_(g, lv if factor == 1.0 else lv * factor)  # each model its own lr
+
+
+def _train(
+    step: _SGDStep, data: _Split, job: list[Trial], dev: torch.device, norms: torch.Tensor | None
+) -> torch.Tensor:
+    """Every epoch's mini-batches, each model in its own shuffled order with its own augmentation draws;
+    returns the mean training loss per epoch and model ``[epochs, K]``."""
+    tc, n = job[0].train, data.n
+    bs = int(tc.batch_size)
+    steps = tc.epochs * -(-n // bs)
+    gens = [t.shuffle_generator() for t in job]
+    shift_gens = [t.shift_generator() for t in job]
+    elastic_gens = [t.elastic_generator() for t in job]
+    epoch_loss = torch.zeros(tc.epochs, len(job), device=dev)
+    # A graph freezes the step's shapes (every mini-batch full), its lr and its inputs' pixels, and
+    # records no per-step output.
+    plain = tc.schedule == "constant" and not tc.shift and not tc.elastic
+    graphable = dev.type == "cuda" and CUDA_GRAPHS and n % bs == 0 and norms is None and plain
+    step_fn = _GraphedStep(step, len(job), bs, dev) if graphable else step
+    i = 0
+    for epoch in range(tc.epochs):
+        order = torch.stack([epoch_order(n, tc.shuffle, g) for g in gens]).to(dev) + data.offset
+        for start in range(0, n, bs):
+            rows = order[:, start : start + bs]
+            if graphable:
+                step_fn(rows, epoch_loss[epoch])
+            else:
+                b = rows.shape[1]
+                offsets = torch.stack([shift_offsets(b, tc.shift, g) for g in shift_gens]) if tc.shift else None
+                fields = (
+                    torch.stack([elastic_fields(b, tc.elastic, tc.elastic_sigma, g) for g in elastic_gens]).to(dev)
+                    if tc.elastic
+                    else None
+                )
+                norms_row = norms[i] if norms is not None else None
+                step_fn(rows, epoch_loss[epoch], norms_row, offsets, lr_factor(tc, i, steps), fields)
+            i += 1
+    return (epoch_loss / n).cpu()
 
 
 @torch.no_grad()

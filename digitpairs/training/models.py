@@ -7,13 +7,13 @@ import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from digitpairs.core.io import StageError
+
 import torch
 import torch.nn.functional as F
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
-
-from digitpairs.core.io import StageError
 
 ARCHS = ("pair", "siamese")
 

@@ -70,10 +70,10 @@ def _call(fn: Callable, threads: int, expect: str, device: str, job: list, keys:
     Refuses a node whose numeric fingerprint differs from the driver's ``expect``. Returns the node's
     id with the result, so the driver can say where its trials ran.
     """
+    from digitpairs.core import numerics
+
     import ray
     import torch
-
-    from digitpairs.core import numerics
 
     if numerics.digest(device) != expect:
         raise NodeRefused(
@@ -173,6 +173,35 @@ def _head_answers(address: str) -> bool:
         return False
 
 
+def _gather(pending: list, nodes: Counter) -> Iterator:
+    """The results of the ``pending`` tasks as they finish, removing each from the list (what is left
+    there is what an interrupt cancels) and counting its node in ``nodes``; with a cluster
+    (``RAY_ADDRESS``), :class:`ClusterLost` once its head stops answering."""
+    import ray
+
+    address = os.environ.get("RAY_ADDRESS", "")
+    failed, checked = 0, time.monotonic()
+    while pending:
+        done, pending[:] = ray.wait(list(pending), num_returns=1, timeout=WATCH_S)
+        if address and time.monotonic() - checked >= WATCH_S:
+            checked = time.monotonic()
+            failed = 0 if _head_answers(address) else failed + 1
+            if failed >= LOST_AFTER:
+                raise ClusterLost(
+                    f"lost the Ray cluster: its head at {address} stopped answering "
+                    f"({len(pending) + len(done)} jobs unfinished)"
+                )
+        if done:
+            try:
+                node, result = ray.get(done[0])
+            except ray.exceptions.RayTaskError as err:
+                if isinstance(err.cause, NodeRefused):  # a node without the pins or versions: one line
+                    raise StageError(str(err.cause)) from None
+                raise
+            nodes[node] += 1
+            yield result
+
+
 def ray_map(
     fn: Callable,
     jobs: list,
@@ -195,9 +224,9 @@ def ray_map(
     """
     if not jobs:  # everything resumed from a checkpoint: no need to start or reach a cluster
         return
-    import ray
-
     from digitpairs.core import numerics
+
+    import ray
 
     device = "cuda" if gpus else "cpu"
     expect = numerics.digest(device)
@@ -211,27 +240,7 @@ def ray_map(
         for job in jobs:
             keys = list(needs(job)) if needs and refs else []
             pending.append(task.remote(fn_ref, threads, expect, device, job, keys, *(refs[k] for k in keys)))
-        address = os.environ.get("RAY_ADDRESS", "")
-        failed, checked = 0, time.monotonic()
-        while pending:
-            done, pending = ray.wait(pending, num_returns=1, timeout=WATCH_S)
-            if address and time.monotonic() - checked >= WATCH_S:
-                checked = time.monotonic()
-                failed = 0 if _head_answers(address) else failed + 1
-                if failed >= LOST_AFTER:
-                    raise ClusterLost(
-                        f"lost the Ray cluster: its head at {address} stopped answering "
-                        f"({len(pending) + len(done)} jobs unfinished)"
-                    )
-            if done:
-                try:
-                    node, result = ray.get(done[0])
-                except ray.exceptions.RayTaskError as err:
-                    if isinstance(err.cause, NodeRefused):  # a node without the pins or versions: one line
-                        raise StageError(str(err.cause)) from None
-                    raise
-                nodes[node] += 1
-                yield result
+        yield from _gather(pending, nodes)
         print(
             f"ray: {sum(nodes.values())} jobs ran on {len(nodes)} node(s): "
             + ", ".join(f"{n} ({c})" for n, c in sorted(nodes.items())),

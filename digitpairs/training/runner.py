@@ -3,6 +3,7 @@ checkpoint. Every stage that trains goes through :func:`run_trials`."""
 
 from __future__ import annotations
 
+import ast
 import ctypes
 import json
 import os
@@ -17,17 +18,18 @@ from hashlib import sha256
 from multiprocessing import get_context
 from pathlib import Path
 
-import torch
-from tqdm import tqdm
-
 from digitpairs.core import numerics
 from digitpairs.core.io import StageError, replacing
 from digitpairs.core.params import ENGINES, EXECUTORS
 from digitpairs.data.pairs import Draw, draw_path, existing_draw, load_draw
 from digitpairs.training.trials import Outcome, Trial, run_trial
 
+import torch
+from tqdm import tqdm
+
 # Source files whose code decides a trial's result: a checkpoint written by other code is stale.
 RESULT_CODE = (
+    "core/gemm.py",
     "training/models.py",
     "training/train.py",
     "training/trials.py",
@@ -51,12 +53,32 @@ def cpu_count() -> int:
 
 @lru_cache(maxsize=1)
 def code_digest() -> str:
-    """Digest of the training code and torch version, part of every checkpoint key."""
+    """Digest of the training code and torch version, part of every checkpoint key.
+
+    It hashes the parsed code (:func:`parsed_code`), not the text: editing a comment or a docstring
+    changes no result, so it keeps every checkpoint (DVC still reruns the stage, which then resumes
+    all its trials)."""
     h = sha256(torch.__version__.encode())
     for name in RESULT_CODE:
         f = Path(__file__).parents[1] / name  # relative to the package root
-        h.update(name.encode() + (f.read_bytes() if f.exists() else b""))
+        h.update(name.encode() + (parsed_code(f.read_text()).encode() if f.exists() else b""))
     return h.hexdigest()[:12]
+
+
+def parsed_code(source: str) -> str:
+    """``source``'s syntax tree without docstrings (comments never reach it), as text."""
+    tree = ast.parse(source)
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        if (
+            isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef)
+            and body
+            and isinstance(body[0], ast.Expr)
+            and isinstance(body[0].value, ast.Constant)
+            and isinstance(body[0].value.value, str)
+        ):
+            node.body = body[1:]
+    return ast.dump(tree)
 
 
 @lru_cache(maxsize=16)
@@ -239,15 +261,7 @@ def run_trials(
     if checkpoint and (keep_state or record_grad_norms):
         raise ValueError("a checkpoint keeps scores only: it cannot resume runs that keep states or gradient norms.")
     ckpt = Checkpoint(checkpoint) if checkpoint else None
-    digests: dict[int, str] = {}
-
-    def ckey(t: Trial) -> str:
-        """A checkpoint entry is valid only for the same trial, data, engine, device, threads, code and
-        numeric settings (pins, library versions: :func:`numerics.fingerprint`)."""
-        if t.draw not in digests:
-            digests[t.draw] = sha256(existing_draw(draw_path(Path(pairs_dir), t.draw)).read_bytes()).hexdigest()[:16]
-        return f"{t.key()}-{digests[t.draw]}-{engine}-{device}-t{threads}-{code_digest()}-{numerics.digest(device)}"
-
+    ckey = _CheckpointKey(Path(pairs_dir), engine, device, threads)
     by_key: dict[str, Outcome] = {}
     todo = []
     for t in trials:
@@ -259,38 +273,8 @@ def run_trials(
     if ckpt:
         print(f"{desc}: resumed {len(by_key)} of {len(by_key) + len(todo)} trials from {ckpt.path}", file=sys.stderr)
     jobs = make_jobs(todo, engine, batch)
-    cuda = device == "cuda"
-    if workers is None:
-        workers = 1 if cuda else max(1, min(cpu_count() // threads, len(jobs)))
     fn = _JobFn(str(pairs_dir), engine, device, record_grad_norms, keep_state)
-    if executor == "ray":
-        from digitpairs.training.ray_executor import ray_map
-
-        results: Iterable = ray_map(
-            fn,
-            jobs,
-            threads=threads,
-            gpus=1 if cuda else 0,
-            cpus=cpu_count(),
-            shared={d: _draw(str(pairs_dir), d) for d in {t.draw for t in todo}},
-            needs=lambda job: sorted({t.draw for t in job}),
-        )
-    else:
-        results = local_map(fn, jobs, workers, threads)
-
-    def kept() -> str:
-        """What a stopped run leaves: the trials checkpointed, and how to go on."""
-        total = len({t.key() for t in trials})
-        if ckpt:
-            # What the file holds, read again: an interrupt can land after a record's write and
-            # before Checkpoint.add notes it (the moment a watcher of the file reacts to).
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                done = Checkpoint(ckpt.path).done
-            n = sum(ckey(t) in done for t in {t.key(): t for t in trials}.values())
-            return f"{desc}: {n} of {total} trials are checkpointed in {ckpt.path}; `dvc repro` resumes from there."
-        return f"{desc}: stopped before its {total} trials finished; `dvc repro` reruns it."
-
+    results = _execute(fn, jobs, todo, executor, workers, threads)
     try:
         with tqdm(total=len(todo), desc=desc, unit="trial", disable=None, file=sys.stderr, smoothing=0.1) as bar:
             for outs in results:
@@ -300,10 +284,61 @@ def run_trials(
                         ckpt.add(outcome_row(o, ckey(o.trial)))
                 bar.update(len(outs))
     except KeyboardInterrupt:
-        raise KeyboardInterrupt(kept()) from None
+        raise KeyboardInterrupt(_kept(trials, ckpt, ckey, desc)) from None
     except StageError as err:  # the Ray cluster lost mid-run: what happened, then what was kept
-        raise type(err)(f"{err}; {kept()}") from None
+        raise type(err)(f"{err}; {_kept(trials, ckpt, ckey, desc)}") from None
     return [by_key[t.key()] for t in trials]
+
+
+class _CheckpointKey:
+    """A checkpoint entry is valid only for the same trial, data, engine, device, threads, code and
+    numeric settings (pins, library versions: :func:`numerics.fingerprint`)."""
+
+    def __init__(self, pairs_dir: Path, engine: str, device: str, threads: int) -> None:
+        self.pairs_dir, self.engine, self.device, self.threads = pairs_dir, engine, device, threads
+        self.digests: dict[int, str] = {}
+
+    def __call__(self, t: Trial) -> str:
+        if t.draw not in self.digests:
+            data = existing_draw(draw_path(self.pairs_dir, t.draw)).read_bytes()
+            self.digests[t.draw] = sha256(data).hexdigest()[:16]
+        setting = f"{self.engine}-{self.device}-t{self.threads}-{code_digest()}-{numerics.digest(self.device)}"
+        return f"{t.key()}-{self.digests[t.draw]}-{setting}"
+
+
+def _execute(fn: _JobFn, jobs: list, todo: list[Trial], executor: str, workers: int | None, threads: int) -> Iterable:
+    """The jobs' outcomes as they finish, on Ray or in local processes (on CUDA, one)."""
+    cuda = fn.args[2] == "cuda"
+    if executor == "ray":
+        from digitpairs.training.ray_executor import ray_map
+
+        pairs_dir = fn.args[0]
+        return ray_map(
+            fn,
+            jobs,
+            threads=threads,
+            gpus=1 if cuda else 0,
+            cpus=cpu_count(),
+            shared={d: _draw(pairs_dir, d) for d in {t.draw for t in todo}},
+            needs=lambda job: sorted({t.draw for t in job}),
+        )
+    if workers is None:
+        workers = 1 if cuda else max(1, min(cpu_count() // threads, len(jobs)))
+    return local_map(fn, jobs, workers, threads)
+
+
+def _kept(trials: list[Trial], ckpt: Checkpoint | None, ckey: _CheckpointKey, desc: str) -> str:
+    """What a stopped run leaves: the trials checkpointed, and how to go on."""
+    total = len({t.key() for t in trials})
+    if not ckpt:
+        return f"{desc}: stopped before its {total} trials finished; `dvc repro` reruns it."
+    # What the file holds, read again: an interrupt can land after a record's write and
+    # before Checkpoint.add notes it (the moment a watcher of the file reacts to).
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        done = Checkpoint(ckpt.path).done
+    n = sum(ckey(t) in done for t in {t.key(): t for t in trials}.values())
+    return f"{desc}: {n} of {total} trials are checkpointed in {ckpt.path}; `dvc repro` resumes from there."
 
 
 class _JobFn:

@@ -7,8 +7,6 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
-import pandas as pd
-
 from digitpairs.core.params import GRID_KEYS
 from digitpairs.core.paths import PAIRS_DIR
 from digitpairs.core.stats import ci95, mean_std
@@ -25,6 +23,8 @@ from digitpairs.core.variants import (
 from digitpairs.training.runner import run_trials
 from digitpairs.training.train import TrainConfig, resolve_device
 from digitpairs.training.trials import Outcome, Trial, make_trial
+
+import pandas as pd
 
 CONFIG_KEYS = GRID_KEYS  # what a selected configuration holds: widths, switches and lr
 WIDTH_KEYS = ("nbch1", "nbch2", "nbfch", "batch_norm", "skip_connections")

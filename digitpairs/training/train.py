@@ -11,12 +11,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from digitpairs.core.params import ELASTIC_RANGE, ELASTIC_SIGMA_RANGE, MAX_SHIFT, SCHEDULES, check_device
+from digitpairs.training.models import ModelConfig, weight_names
+
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-from digitpairs.core.params import ELASTIC_RANGE, ELASTIC_SIGMA_RANGE, MAX_SHIFT, SCHEDULES, check_device
-from digitpairs.training.models import ModelConfig, weight_names
 
 
 @dataclass(frozen=True)

@@ -6,14 +6,14 @@ import hashlib
 import json
 from dataclasses import asdict, astuple, dataclass
 
-import torch
-from torch import nn
-
 from digitpairs.core.seeding import generator
 from digitpairs.core.variants import VARIANTS
 from digitpairs.data.pairs import Draw, split
 from digitpairs.training.models import ModelConfig, build_model
 from digitpairs.training.train import TrainConfig, TrainResult, evaluate, train
+
+import torch
+from torch import nn
 
 
 @dataclass(frozen=True)
