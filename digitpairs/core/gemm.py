@@ -13,9 +13,11 @@ compile-time parameters, and ``OPENBLAS_L2_SIZE`` is fixed as well, so nothing e
 enters the arithmetic. That promise is the library's for the kernel choice; that the blocking then
 gives equal bytes everywhere is measured (``tests/test_cpus.py``: natively and on emulated Intel and
 AMD CPUs), not documented. The thread count is part of the arithmetic (two threads round some of the
-engine's products differently from one: ``tests/test_gemm.py``), so a lockstep job runs with as many
-BLAS threads as torch threads (:func:`digitpairs.core.numerics.blas_threads`), which every executor
-fixes (``runner.THREADS_PER_JOB``) and every checkpoint key records.
+engine's products differently from one: ``tests/test_gemm.py``), so the products always run on one
+BLAS thread (:func:`digitpairs.core.numerics.blas_threads`), whatever torch's count: a job's results
+then do not depend on OpenBLAS's threading at all, and jobs run side by side for parallelism. (With
+two torch threads, two OpenBLAS threads also made a job two to three times slower than one: the two
+thread pools' waiting threads compete for the same cores.)
 
 On the machine these results were built on, these kernels run the study's products about three
 times as fast as MKL's SSE2 branch, which ``MKL_CBWR=COMPATIBLE`` imposes on every MKL GEMM for the

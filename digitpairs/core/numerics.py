@@ -20,8 +20,8 @@ control the library itself documents; nothing is re-implemented here.
   OpenBLAS: :mod:`digitpairs.core.gemm`, which says why). Set only on an x86-64 CPU with AVX2 and FMA,
   where the Haswell kernels run; a value the user's environment sets is overridden. OpenBLAS reads
   them when numpy loads, so :func:`check` refuses a process whose numpy was imported before.
-- ``OPENBLAS_NUM_THREADS=1``: the BLAS threads start as one; each lockstep job sets the count to its
-  torch thread count (:func:`blas_threads`).
+- ``OPENBLAS_NUM_THREADS=1``: one BLAS thread, which each lockstep job sets again
+  (:func:`blas_threads`) in case something changed it.
 - ``ATEN_CPU_CAPABILITY=avx2`` (reductions, softmax, exp/log, batch-norm statistics, max-pool):
   PyTorch compiles these kernels once per ISA and its DispatchStub uses at most the capability named
   by this variable (read once, at the first dispatched operation).

@@ -2,7 +2,8 @@
 
 A per-model loop spends most of each tiny step in Python and dispatch overhead. Here every layer
 of K independent models is one stacked tensor ``[K, ...]`` and every layer is one batched matmul
-(``baddbmm``), so a step of K models costs little more than a step of one. The models stay
+(:mod:`digitpairs.core.gemm`: on the CPU, OpenBLAS's Haswell kernels on every CPU with AVX2 and FMA), so
+a step of K models costs little more than a step of one. The models stay
 independent: the sum of the K losses has, for each model's parameters, exactly that model's
 gradient, so one backward and one fused SGD update (per-model lr broadcast) train all of them.
 
@@ -56,7 +57,7 @@ EVAL_CHUNK = 100
 # siamese models at widths 64). Measured on a 2-core machine, 12 trainings at widths 64: with one
 # thread, time per model-step flat from K = 1 to 12 (within 10%); with two, pair K = 12 was 12-15%
 # faster than K = 9 (fewer chunks, larger batched matmuls), siamese K = 4 and 6 equal.
-CPU_ACTIVATION_BYTES = int(os.environ.get("XACT", 48)) << 20
+CPU_ACTIVATION_BYTES = 48 << 20
 # CUDA: every job whose step is graphable (run_lockstep) captures it as a CUDA graph after this many
 # eager steps (see _GraphedStep); DIGITPAIRS_CUDA_GRAPHS=0 turns that off (in worker processes too).
 CUDA_GRAPHS = os.environ.get("DIGITPAIRS_CUDA_GRAPHS", "1") != "0"
@@ -518,7 +519,7 @@ def run_lockstep(
     Each model keeps its own initial weights, data draw, shuffle order, lr, loss weights and
     batch-norm statistics; only the arithmetic is shared. On the CPU the job runs in chunks of
     :data:`CPU_ACTIVATION_BYTES` (results do not depend on the split: the models are independent),
-    with as many BLAS threads as torch threads.
+    its products on one BLAS thread whatever torch's count (:mod:`digitpairs.core.gemm`).
     """
     if not job:
         return []
@@ -533,7 +534,7 @@ def run_lockstep(
     _tune_cpu_allocator()
     images = ref.train.batch_size * (1 if ref.model.arch == "pair" else 2)
     k_cpu = max(1, CPU_ACTIVATION_BYTES // (images * 144 * ref.model.nbch1 * 4))
-    with numerics.blas_threads(torch.get_num_threads()):
+    with numerics.blas_threads(1):
         return [o for i in range(0, len(job), k_cpu) for o in _run(job[i : i + k_cpu], draws, dev, record_grad_norms)]
 
 
