@@ -107,6 +107,15 @@ def profile_job(trials: list[Trial], pairs: Path, rows: int = 15) -> None:
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows, max_name_column_width=40))
 
 
+def pair_draws(folder: Path, mirror: str) -> Path:
+    """Four pair draws of seed 1 in ``folder``, from the MNIST files in ``mirror``."""
+    os.environ[mnist.MIRROR_ENV] = mirror
+    root = mnist.download(folder / "mnist")
+    splits = (*mnist.load(root, train=True), *mnist.load(root, train=False))
+    write_draws(splits, folder / "pairs", n_draws=4, seed=1)
+    return folder / "pairs"
+
+
 def timed(trials: list[Trial], pairs: Path, engine: str, workers: int, batch: int) -> float:
     t0 = time.perf_counter()
     threads = max(1, (os.cpu_count() or 1) // workers)
@@ -157,11 +166,7 @@ def main() -> None:
     cores = os.cpu_count() or 1
     os.environ["TQDM_DISABLE"] = "1"
     with tempfile.TemporaryDirectory() as tmp:
-        os.environ[mnist.MIRROR_ENV] = args.mnist
-        root = mnist.download(Path(tmp) / "mnist")
-        splits = (*mnist.load(root, train=True), *mnist.load(root, train=False))
-        pairs = Path(tmp) / "pairs"
-        write_draws(splits, pairs, n_draws=4, seed=1)
+        pairs = pair_draws(Path(tmp), args.mnist)
         sets = spanning_set(per_config, epochs, full=not args.quick)
         if args.engine == "loop":
             print(json.dumps(measure("loop", sets, pairs, args.batch)))

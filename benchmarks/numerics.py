@@ -32,14 +32,13 @@ from digitpairs.core import gemm, numerics  # noqa: E402  (first: the numeric pi
 from digitpairs.core import params as params_file  # noqa: E402
 from digitpairs.core.variants import PLUS  # noqa: E402
 from digitpairs.data import mnist  # noqa: E402
-from digitpairs.data.pairs import write_draws  # noqa: E402
 from digitpairs.training import study  # noqa: E402
 from digitpairs.training.runner import THREADS_PER_JOB, cpu_count, run_trials  # noqa: E402
 from digitpairs.training.trials import Trial, make_trial  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-from benchmarks.lockstep import fma_peak, trial_flops  # noqa: E402
+from benchmarks.lockstep import fma_peak, pair_draws, trial_flops  # noqa: E402
 
 LARGEST = dict(nbch1=32, nbch2=256, nbfch=256, batch_norm=True, skip_connections=False)  # siamese-plus's
 
@@ -117,11 +116,7 @@ def main() -> None:
     os.environ["TQDM_DISABLE"] = "1"
     params = params_file.load(REPO / "params.yaml")
     with tempfile.TemporaryDirectory() as tmp:
-        os.environ[mnist.MIRROR_ENV] = args.mnist
-        root = mnist.download(Path(tmp) / "mnist")
-        splits = (*mnist.load(root, train=True), *mnist.load(root, train=False))
-        pairs = Path(tmp) / "pairs"
-        write_draws(splits, pairs, n_draws=4, seed=1)
+        pairs = pair_draws(Path(tmp), args.mnist)
         peak = fma_peak()
         print(f"float32 FMA peak of one core: {peak / 1e9:.1f} GFLOP/s (a 2048^3 product on the Haswell kernels)")
         sets = trial_sets(params, epochs, per_config)
