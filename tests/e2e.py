@@ -6,8 +6,10 @@ import hashlib
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import yaml
@@ -57,6 +59,62 @@ def sh(cwd: Path, *cmd: str, check: bool = True, **extra: str) -> subprocess.Com
 
 def dvc(cwd: Path, *args: str, check: bool = True, **extra: str) -> subprocess.CompletedProcess:
     return sh(cwd, str(Path(sys.executable).parent / "dvc"), *args, check=check, **extra)
+
+
+POOL_CPUS = 2  # a stage run by start_dvc sees this many CPUs: a pool of 2 workers wherever the machine has 2
+
+
+def start_dvc(cwd: Path, *args: str, **extra: str) -> subprocess.Popen:
+    """`dvc <args>` in the background, as a terminal's foreground job: its own session and process group,
+    SIGINT at its default, on POOL_CPUS CPUs (a stage's pool size follows its CPUs); output merged.
+    Ended by :func:`finish`."""
+
+    def child() -> None:
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:POOL_CPUS])
+
+    return subprocess.Popen(
+        [str(Path(sys.executable).parent / "dvc"), *args],
+        cwd=cwd,
+        env=env(**extra),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        preexec_fn=child,
+        start_new_session=True,
+    )
+
+
+def finish(proc: subprocess.Popen, limit: float, started: float) -> str:
+    """Wait for a :func:`start_dvc` command until ``limit`` seconds after ``started`` (a monotonic time),
+    and return the rest of its output; fail if it is still running then (after killing its session), or
+    if any process of its session (the stage's pool workers included) is still alive a moment after."""
+    try:
+        out, _ = proc.communicate(timeout=max(0.0, started + limit - time.monotonic()))
+    except subprocess.TimeoutExpired:
+        left = session(proc.pid)
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        raise AssertionError(f"still running after {limit} s: {left}\n{out}") from None
+    deadline = time.monotonic() + 5  # the resource tracker of a stage's pool sees its stage end a moment later
+    while session(proc.pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert session(proc.pid) == [], f"left alive: {session(proc.pid)}\n{out}"
+    return out
+
+
+def session(sid: int) -> list[str]:
+    """``pid command`` of each live process of session ``sid`` (a zombie is dead: left out)."""
+    alive = []
+    for proc in Path("/proc").iterdir():
+        try:
+            stat = (proc / "stat").read_text().rsplit(")", 1)[1].split()
+            if proc.name.isdigit() and int(stat[3]) == sid and stat[0] != "Z":
+                cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+                alive.append(f"{proc.name} {cmdline[:200]}")
+        except (OSError, IndexError, ValueError):
+            continue  # not a process, or one that ended meanwhile
+    return alive
 
 
 def set_params(repo: Path, overrides: dict) -> None:

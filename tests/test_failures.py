@@ -6,6 +6,9 @@
   them before the command; the stage puts them back from the cache, hash-checked).
 - Ctrl-C (SIGINT to the process group, as a terminal sends it) and SIGTERM (to the stage) under
   `dvc repro -s cv@pair` do the same, with exit status 130 / 143; checkpoints are kept.
+- Every failure ends within FAILS_WITHIN_S and leaves no process of the command alive (its session is
+  empty). cv@pair fails with its trials in a process pool (``pooled``: 2 workers, 4 jobs), the case that
+  once hung at exit.
 - A missing data/pairs names the fix (`dvc repro pairs`), also when run by hand.
 - Every JSON file the pipeline writes is strict JSON, on a grid with one value per switch (TINY), where
   the switch effects have no pairs: ``null`` with ``n`` 0, not NaN.
@@ -25,12 +28,37 @@ import sys
 import time
 from pathlib import Path
 
+from digitpairs.core.params import parse
+from digitpairs.training.runner import make_jobs
+from digitpairs.training.study import cv_trials
+
 import pytest
 import yaml
 
-from tests.e2e import OUTPUT_DIRS, copy_repo, dvc, env, ran, set_params, sh, snapshot
+from tests.e2e import OUTPUT_DIRS, POOL_CPUS, copy_repo, dvc, finish, ran, set_params, sh, snapshot, start_dvc
 
 pytestmark = pytest.mark.slow
+
+FAILS_WITHIN_S = 60  # a failing stage ends within this, whatever its pool was doing (dvc's own start included)
+# cv@pair with 4 trials, one job each: more jobs than the 2 workers a pool gets on POOL_CPUS CPUs
+POOLED = {"train": {"engine": "loop"}, "cv": {"batch_norm": [True, False], "lr": [0.1, 0.5]}}
+
+
+@pytest.fixture(scope="module")
+def pooled(tiny_built, tmp_path_factory) -> Path:
+    """``tiny_built`` with cv@pair rerun on POOLED params and committed (only cv@pair: the tests run it
+    alone, with ``dvc repro -s``)."""
+    if len(os.sched_getaffinity(0)) < POOL_CPUS:
+        pytest.skip(f"a pool of 2 workers needs {POOL_CPUS} CPUs")
+    repo = copy_repo(tiny_built, tmp_path_factory.mktemp("pooled") / "repo")
+    set_params(repo, POOLED)
+    params = parse((repo / "params.yaml").read_text())
+    assert len(make_jobs(cv_trials("pair", params), "loop", 64)) == 2 * POOL_CPUS
+    dvc(repo, "repro", "-s", "cv@pair")
+    sh(repo, "git", "add", "params.yaml", "dvc.lock")
+    sh(repo, "git", "commit", "-qm", "cv@pair in a pool")
+    assert sh(repo, "git", "status", "--porcelain").stdout == ""
+    return repo
 
 
 def copy(repo: Path, tmp_path: Path) -> Path:
@@ -46,28 +74,36 @@ def garbage(path: Path) -> None:
     path.write_bytes(b"\x00\x01not a safetensors file" * 10)
 
 
+def head(path: Path) -> None:
+    """The first 100 bytes: the safetensors header itself cut short."""
+    path.write_bytes(path.read_bytes()[:100])
+
+
 # stage, the input broken, how, what the one line must name (file) and suggest (command)
 BROKEN = [
     ("pairs", "data/mnist/MNIST/raw/train-images-idx3-ubyte", truncate, "dvc checkout --force data/mnist"),
     ("cv@pair", "data/pairs/draw_00.safetensors", truncate, "dvc checkout --force data/pairs"),
+    ("cv@pair", "data/pairs/draw_00.safetensors", head, "dvc checkout --force data/pairs"),
     ("evaluate", "models_out/models/pair/draw_00.safetensors", garbage, "dvc checkout --force models_out/models"),
     ("findings", "data/controls.csv", truncate, "dvc checkout --force data/controls.csv"),
     ("figures", "data/grad_norms.csv", truncate, "dvc checkout --force data/grad_norms.csv"),
 ]
 
 
-@pytest.mark.parametrize("stage,broken,how,fix", BROKEN, ids=[b[0] for b in BROKEN])
-def test_broken_input_under_repro_single_stage_restores_every_output(tiny_built, tmp_path, stage, broken, how, fix):
-    repo = copy(tiny_built, tmp_path)
+@pytest.mark.parametrize("stage,broken,how,fix", BROKEN, ids=[f"{b[0]}-{b[2].__name__}" for b in BROKEN])
+def test_broken_input_under_repro_single_stage_restores_every_output(request, tmp_path, stage, broken, how, fix):
+    repo = copy(request.getfixturevalue("pooled" if stage == "cv@pair" else "tiny_built"), tmp_path)
     before = snapshot(repo, skip=broken)
     how(repo / broken)
-    cp = dvc(repo, "repro", "-s", stage, check=False)
-    log = cp.stdout + cp.stderr
-    assert cp.returncode != 0 and ran(log) == {stage}, log
+    started = time.monotonic()
+    proc = start_dvc(repo, "repro", "-s", stage)
+    log = finish(proc, FAILS_WITHIN_S, started)
+    assert proc.returncode != 0 and ran(log) == {stage}, log
     assert "Traceback" not in log, log
     errors = [line for line in log.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1, log
     assert broken in errors[0] and fix in errors[0] and "could not restore" not in errors[0], log
+    assert ".;" not in errors[0], log  # one sentence's end, then the next clause
     assert snapshot(repo, skip=broken) == before
     assert not list(repo.rglob("*.partial")), "a half-written file was left"
     git = sh(repo, "git", "status", "--porcelain").stdout
@@ -104,49 +140,40 @@ def catches(pid: int, sig: int) -> bool:
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
-def test_interrupted_stage_under_repro_single_stage_restores_its_outputs(tiny_built, tmp_path, sig):
+def test_interrupted_stage_under_repro_single_stage_restores_its_outputs(pooled, tmp_path, sig):
     """Ctrl-C reaches the whole foreground process group (DVC ignores it while its command runs);
     SIGTERM goes to the stage alone, as a job manager's `kill` would. Both end the stage with one
-    `interrupted` line, exit status 128 + signal, outputs restored, checkpoints kept."""
-    repo = copy(tiny_built, tmp_path)
+    `interrupted` line, exit status 128 + signal, outputs restored, checkpoints kept, its pool gone."""
+    repo = copy(pooled, tmp_path)
     before = snapshot(repo)
     ckpt = repo / "data/checkpoints/cv-pair.jsonl"
     kept = ckpt.read_bytes()
+    params = (repo / "params.yaml").read_text()
     set_params(repo, {"train": {"epochs": 3000}})  # long enough to be interrupted mid-training
-    proc = subprocess.Popen(
-        [str(Path(sys.executable).parent / "dvc"), "repro", "-s", "cv@pair"],
-        cwd=repo,
-        # DVC runs the command through $SHELL, else /bin/sh. bash execs a lone command, so DVC sees
-        # the stage's own status; dash (Debian's /bin/sh) stays in between, dies of the Ctrl-C itself
-        # and DVC reports -2 (the stage still restores its outputs: asserted below either way).
-        env=env(SHELL=shutil.which("bash")),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
-        start_new_session=True,  # its own process group, like a terminal's foreground job
-    )
+    # DVC runs the command through $SHELL, else /bin/sh. bash execs a lone command, so DVC sees the
+    # stage's own status; dash (Debian's /bin/sh) stays in between, dies of the Ctrl-C itself and DVC
+    # reports -2 (the stage still restores its outputs: asserted below either way).
+    proc = start_dvc(repo, "repro", "-s", "cv@pair", SHELL=shutil.which("bash"))
     log = []
     for line in proc.stdout:
         log.append(line)
         if "cv@pair: resumed" in line:  # the stage is in its main(), training
             break
-    time.sleep(1.0)
+    time.sleep(1.0)  # the pool's workers are starting, or training
     if sig == signal.SIGINT:
         os.killpg(proc.pid, sig)
     else:
         pid = stage_process(proc.pid, "stages.cv")
         assert pid, "".join(log)
         os.kill(pid, sig)
-    out, _ = proc.communicate(timeout=120)
-    text = "".join(log) + out
+    text = "".join(log) + finish(proc, FAILS_WITHIN_S, time.monotonic())
     assert proc.returncode != 0, text
     assert "Traceback" not in text, text
     lines = [line for line in text.splitlines() if line.startswith("interrupted")]
     assert len(lines) == 1 and "cv@pair" in lines[0] and "dvc repro" in lines[0], text
     assert "could not restore" not in lines[0], text
     assert f"exited with {128 + sig}" in text, text
-    set_params(repo, {"train": {"epochs": 2}})
+    (repo / "params.yaml").write_text(params)
     assert snapshot(repo) == before
     assert ckpt.read_bytes().startswith(kept)  # checkpoints kept (and only ever appended to)
     assert not list(repo.rglob("*.partial"))
@@ -157,14 +184,7 @@ def test_sigterm_while_the_stage_is_still_importing_restores_too(tiny_built, tmp
     (stages/__init__.py) and acted on as soon as run_stage starts, not a traceback from an import."""
     repo = copy(tiny_built, tmp_path)
     before = snapshot(repo)
-    proc = subprocess.Popen(
-        [str(Path(sys.executable).parent / "dvc"), "repro", "-f", "-s", "evaluate"],
-        cwd=repo,
-        env=env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    proc = start_dvc(repo, "repro", "-f", "-s", "evaluate")
     pid, deadline = None, time.monotonic() + 60
     while pid is None and proc.poll() is None and time.monotonic() < deadline:
         pid = stage_process(proc.pid, "stages.evaluate")
@@ -173,7 +193,7 @@ def test_sigterm_while_the_stage_is_still_importing_restores_too(tiny_built, tmp
     while not catches(pid, signal.SIGTERM) and time.monotonic() < deadline:  # stages/__init__.py ran
         time.sleep(0.005)
     os.kill(pid, signal.SIGTERM)
-    out, _ = proc.communicate(timeout=120)
+    out = finish(proc, FAILS_WITHIN_S, time.monotonic())
     assert proc.returncode != 0 and "Traceback" not in out, out
     lines = [line for line in out.splitlines() if line.startswith("interrupted")]
     assert len(lines) == 1 and lines[0].startswith("interrupted (SIGTERM): evaluate: "), out

@@ -1,11 +1,13 @@
 """What the pipeline refuses, on a tiny finished run in a temporary git+DVC clone (real MNIST, real dvc).
 
 - A key of params.yaml given a value some stage would reject stops `dvc repro` with a message naming the
-  key, and no output file changes (hashed before and after): three representative values here, through
+  key, and no output file changes (hashed before and after): four representative values here, through
   DVC (every one stops in check_params, the first stage); every key's bad value is checked in-process by
   tests/test_params.py
   (``test_every_bad_value_names_its_key``, the same table, on the same tiny params). `dvc repro -s
   <stage>`, which skips check_params, stops too and leaves the outputs as they were.
+- A run whose outputs may not fit in the DVC cache's filesystem (a small tmpfs in a private mount
+  namespace) is refused by check_params, with the numbers, before any stage runs.
 - A stage imports this checkout's digitpairs, never a decoy first on PYTHONPATH.
 - A `dvc exp run --temp` experiment (a temporary copy under .dvc/tmp/exps, as a queued one) runs the
   experiment's changed code, and finds MNIST through a relative MNIST_MIRROR.
@@ -14,13 +16,19 @@
 from __future__ import annotations
 
 import os
+import re
+import shutil
+import subprocess
 import sys
 from pathlib import Path
+
+from digitpairs.core.params import parse
+from digitpairs.core.space import needed
 
 import pytest
 
 from tests.conftest import SHARED_MNIST
-from tests.e2e import TINY, copy_repo, dvc, edited_text, ran, sh, snapshot
+from tests.e2e import TINY, copy_repo, dvc, edited_text, env, ran, set_params, sh, snapshot
 from tests.test_params import BAD
 
 pytestmark = pytest.mark.slow
@@ -47,13 +55,15 @@ def reset(repo: Path) -> None:
     (repo / "params.yaml").write_text(PARAMS_TEXT[repo])
 
 
-# Through DVC, three bad values, all stopped by check_params (the same path for any key): a YAML 1.2
+# Through DVC, four bad values, all stopped by check_params (the same path for any key): a YAML 1.2
 # spelling that DVC and the stage must read alike, a bound from the real MNIST files, a bound from another
-# key. Every row of BAD is checked in-process by tests/test_params.py; every `-s` path below.
+# key, a run's cost beyond limits.training_epochs. Every row of BAD is checked in-process by
+# tests/test_params.py; every `-s` path below.
 THROUGH_DVC = {
     "train.shuffle": "yes",
     "data.n_pairs": "6000",
     "grad_norms.draw": "2",
+    "train.epochs": "1000000000",
 }
 DVC_CASES = [(k, v) for k, v in BAD if THROUGH_DVC.get(k) == v]
 assert len(DVC_CASES) == len(THROUGH_DVC), "each representative is a row of tests/test_params.py's BAD"
@@ -102,6 +112,49 @@ def test_repro_single_stage_stops_and_keeps_outputs(repo, stage, key, value):
     assert len(errors) == 1 and key in errors[0] and "could not restore" not in errors[0], log
     assert snapshot(repo) == before
     assert "up to date" in dvc(repo, "status").stdout
+
+
+def in_mount_namespace(script: str, cwd: Path) -> subprocess.CompletedProcess:
+    """``script`` (bash) in a private mount namespace (``unshare -rm``: no root needed where user namespaces
+    are allowed): what it mounts is gone when it ends. Skips the test where the machine cannot."""
+    unshare = shutil.which("unshare")
+    if not unshare or subprocess.run([unshare, "-rm", "true"], capture_output=True).returncode:
+        pytest.skip("no private mount namespace here (unshare -rm): the tmpfs test cannot run")
+    return subprocess.run([unshare, "-rm", "bash", "-euc", script], cwd=cwd, env=env(), capture_output=True, text=True)
+
+
+def test_a_cache_without_room_for_the_run_is_refused_before_any_stage(tiny_repo):
+    """The DVC cache on a tmpfs with half the room the run can need (the outputs' sizes in dvc.lock): a
+    params change reruns check_params, which refuses with both numbers and the fix; nothing changes."""
+    repo = tiny_repo
+    need = needed(parse((repo / "dvc.lock").read_text())["stages"])
+    cache_bytes = sum(f.stat().st_size for f in (repo / ".dvc/cache").rglob("*") if f.is_file())
+    before = snapshot(repo)
+    set_params(repo, {"train": {"epochs": 2}})
+    (repo / ".dvc/cache").rename(repo / ".dvc/cache.disk")
+    (repo / ".dvc/cache").mkdir()
+    try:
+        cp = in_mount_namespace(
+            f"""mount -t tmpfs -o size={cache_bytes + need + 2**24} tmpfs .dvc/cache
+            cp -a .dvc/cache.disk/. .dvc/cache/
+            free=$(df -B1 --output=avail .dvc/cache | tail -1)
+            head -c $((free - {need // 2})) /dev/zero > .dvc/cache/filler  # leaves half of what is needed
+            {Path(sys.executable).parent / "dvc"} repro""",
+            repo,
+        )
+    finally:
+        (repo / ".dvc/cache").rmdir()
+        (repo / ".dvc/cache.disk").rename(repo / ".dvc/cache")
+    log = cp.stdout + cp.stderr
+    assert cp.returncode != 0 and ran(log) == {"check_params"}, log
+    errors = [line for line in log.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, log
+    numbers = re.search(r"has ([\d.,]+) MB free .* can need ([\d.,]+) MB", errors[0]).groups()
+    free, can_need = (float(n.replace(",", "")) for n in numbers)
+    assert free < can_need == round(need / 1e6, 1), errors[0]
+    assert "the DVC cache (.dvc/cache)" in errors[0] and "`dvc cache dir PATH`" in errors[0], errors[0]
+    set_params(repo, {"train": {"epochs": TINY["train"]["epochs"]}})
+    assert snapshot(repo) == before
 
 
 def test_stage_imports_this_checkout_not_a_decoy_first_on_pythonpath(repo, tmp_path):

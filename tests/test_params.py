@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from digitpairs.core.params import MNIST_IMAGES, ParamError, max_pairs, parse, validate
+from digitpairs.core.params import GRID_KEYS, MNIST_IMAGES, ParamError, max_pairs, parse, trainings, validate
 
 import pytest
 import yaml
@@ -123,6 +123,8 @@ BAD = [
     ("recipe.elastic_sigma", "0"),
     ("figures.dpi", "20000"),  # would exhaust memory
     ("figures.error_bars", "sem"),
+    ("train.epochs", "1000000000"),  # beyond limits.training_epochs: would train for years
+    ("limits.training_epochs", "0"),
 ]
 TINY_TEXT = merged((REPO / "params.yaml").read_text(), TINY)  # the end-to-end clones' params.yaml
 
@@ -234,3 +236,77 @@ def test_mnist_stage_offline_fails_cleanly(tmp_path):
     assert lines[-1].startswith("error: Could not download MNIST file train-images-idx3-ubyte.gz")
     assert "MNIST_MIRROR" in lines[-1]
     assert not list((tmp_path / "data/mnist").rglob("*ubyte*"))
+
+
+def model_epochs(p: dict) -> int:
+    return sum(trainings(p).values()) * p["train"]["epochs"]
+
+
+def full_grid() -> dict:
+    """params.yaml with scripts/gpu_full_grid.py's FULL_GRID keys (on the CPU: the GPU is not the point)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gpu_full_grid", REPO / "scripts/gpu_full_grid.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    p = copy.deepcopy(DEFAULTS)
+    for key, value in script.FULL_GRID.items():
+        section, name = key.split(".")
+        p[section][name] = value
+    p["train"]["device"] = "cpu"
+    return p
+
+
+def test_the_defaults_pass_the_cost_bound_with_margin_and_the_full_grid_passes_too():
+    limit = DEFAULTS["limits"]["training_epochs"]
+    assert model_epochs(DEFAULTS) * 50 < limit  # 24,050 of 2,000,000
+    grid = validate(full_grid())  # the original's grid, docs/full-grid.md: 966,000
+    assert limit / 4 < model_epochs(grid) < limit
+
+
+def test_a_runaway_count_is_refused_with_the_bound_and_how_to_raise_it():
+    p = edited("train", "epochs", 10**9)  # the issue's value
+    message = "train 962 models x train.epochs=1,000,000,000 = 962,000,000,000 model-epochs, more than "
+    with pytest.raises(ParamError, match=message + "limits.training_epochs=2,000,000; .* raise limits"):
+        validate(p)
+    for section, key, value in [("data", "n_draws", 10**6), ("cv", "lr", [i / 1000 for i in range(1, 1001)])]:
+        with pytest.raises(ParamError, match="more than limits.training_epochs=2,000,000"):
+            validate(edited(section, key, value))
+    p["limits"]["training_epochs"] = 10**12  # raised on purpose
+    assert validate(p) == p
+
+
+def some_selection(p: dict) -> dict:
+    """A selected configuration for every variant (the first value of each grid list): counts only."""
+    from digitpairs.core.variants import PLUS, VARIANTS
+
+    return {v: {k: p["recipe" if v == PLUS else "cv"][k][0] for k in GRID_KEYS} for v in VARIANTS}
+
+
+ALL_ADDITIONS = {"schedule": "cosine", "elastic": 1.0, "batch_size": 50}
+
+
+@pytest.mark.parametrize("name", ["defaults", "tiny", "every addition"])
+def test_trainings_are_the_lengths_of_the_stages_trial_lists(name):
+    from digitpairs.core.variants import GRID_ARCHS
+    from digitpairs.training import study
+
+    p = parse(TINY_TEXT) if name == "tiny" else copy.deepcopy(DEFAULTS)
+    if name == "every addition":
+        p["recipe"].update(ALL_ADDITIONS)
+    s = some_selection(p)
+    assert trainings(p) == {
+        "cv": sum(len(study.cv_trials(arch, p)) for arch in GRID_ARCHS),
+        "recipe": len(study.recipe_trials(p)) + len(study.ablation_trials(s, p)[1]),
+        "controls": len(study.control_trials(s, s, p)[1]),
+        "loss_weights": len(study.loss_weight_trials(s, p)),
+        "grad_norms": len(study.grad_norm_trials(s, p)),
+        "train": len(study.final_trials(s, p)),
+    }
+
+
+def test_docs_state_the_bound_and_what_the_defaults_and_the_full_grid_cost():
+    text = " ".join((REPO / "docs/validation.md").read_text().split())
+    assert f"`limits.training_epochs` ({DEFAULTS['limits']['training_epochs']:,})" in text
+    for p in (DEFAULTS, full_grid()):
+        assert f"{sum(trainings(p).values()):,}" in text and f"{model_epochs(p):,} model-epochs" in text

@@ -13,6 +13,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from digitpairs.core.variants import STUDY_VARIANTS, VARIANTS
+
 GRID_KEYS = ("nbch1", "nbch2", "nbfch", "batch_norm", "skip_connections", "lr")
 # Images in MNIST's official splits (torchvision checks the files' MD5s, so these never vary;
 # tests/test_params.py compares them with the real files).
@@ -201,7 +203,44 @@ SCHEMA: dict[str, dict[str, Check]] = {
         "elastic_sigma": _between(*ELASTIC_SIGMA_RANGE),
     },
     "figures": {"dpi": _int(*DPI_RANGE), "error_bars": _choice(*ERROR_BARS)},
+    "limits": {"training_epochs": _int(1)},
 }
+
+# grad_norms trains two variants (pair, siamese-2) with each of the 4 (batch_norm, skip_connections) pairs
+GRAD_NORM_TRIALS = 2 * 4
+
+
+def trainings(params: dict) -> dict[str, int]:
+    """Models each training stage trains with ``params``: the lengths of digitpairs.training.study's
+    trial lists, counted without building them (or importing torch), so a run's cost is known before
+    any stage starts. tests/test_params.py checks them against the lists themselves."""
+    d, t, cv, lw, r = (params[s] for s in ("data", "train", "cv", "loss_weights", "recipe"))
+    study = len(STUDY_VARIANTS)
+    # the ablation's rows: the full recipe, the study's SGD, and one per addition the recipe makes
+    additions = [r["momentum"], r["nesterov"], r["weight_decay"], r["schedule"] != "constant"]
+    additions += [r["label_smoothing"], r["shift"], r["elastic"], r["batch_size"] != t["batch_size"]]
+    return {
+        "cv": math.prod(len(cv[k]) for k in GRID_KEYS) * study * cv["n_draws"],
+        "recipe": math.prod(len(r[k]) for k in GRID_KEYS) * r["n_draws"]
+        + (2 + sum(map(bool, additions))) * r["ablation_draws"],
+        "controls": d["n_draws"] + study * (d["n_draws"] - cv["n_draws"]),
+        "loss_weights": (len(lw["exponents"]) + lw["include_zero"]) * lw["n_draws"],
+        "grad_norms": GRAD_NORM_TRIALS,
+        "train": len(VARIANTS) * d["n_draws"],
+    }
+
+
+def _check_cost(params: dict) -> None:
+    """A run's cost, models trained x train.epochs over every stage, within limits.training_epochs: a
+    slip (epochs: 1000000000, a grid list pasted a hundred times) is refused, not trained for days."""
+    models, epochs = sum(trainings(params).values()), params["train"]["epochs"]
+    limit = params["limits"]["training_epochs"]
+    if models * epochs > limit:
+        raise ParamError(
+            f"this run would train {models:,} models x train.epochs={epochs:,} = {models * epochs:,} model-epochs, "
+            f"more than limits.training_epochs={limit:,}; lower train.epochs, the draws or the grids, "
+            "or raise limits.training_epochs in params.yaml if you mean it."
+        )
 
 
 def _cross_checks(params: dict) -> None:
@@ -230,6 +269,7 @@ def _cross_checks(params: dict) -> None:
     w10 = [10.0**e for e in params["loss_weights"]["exponents"]]
     if len(set(w10)) != len(w10):
         raise ParamError("loss_weights.exponents holds two exponents that give the same weight 10**e; drop one.")
+    _check_cost(params)
 
 
 def validate(params: Any) -> dict:

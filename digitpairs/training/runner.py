@@ -12,6 +12,7 @@ import sys
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from contextlib import closing
 from dataclasses import asdict
 from functools import lru_cache
 from hashlib import sha256
@@ -125,7 +126,7 @@ def make_jobs(trials: list[Trial], engine: str, batch: int) -> list[list[Trial]]
     return group_trials(trials, batch)
 
 
-def _init_worker(threads: int) -> None:
+def _init_worker(threads: int, parent: int) -> None:
     """Pool worker set-up: the run's thread count, and death with the parent (Linux), so a killed
     stage leaves no orphans training trials nobody will record."""
     torch.set_num_threads(threads)
@@ -133,20 +134,31 @@ def _init_worker(threads: int) -> None:
     # so the terminal shows its one line, not a traceback per worker
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     # the stage's own handling of SIGTERM and SIGHUP (stages/__init__.py, which a spawned worker imports
-    # again as its main module) is the parent's: a worker dies on them, as terminate() expects
+    # again as its main module) is the parent's: a worker dies on them
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, signal.SIG_DFL)
     try:
         ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     except (AttributeError, OSError):
         pass
+    if os.getppid() != parent:  # the parent died while this worker was starting: no signal will come
+        os._exit(1)
 
 
 def local_map(fn: Callable, jobs: list, workers: int, threads: int) -> Iterator:
     """Run ``fn(job)`` for each job in ``workers`` processes with ``threads`` torch threads each,
     yielding results as they finish. Only this (the parent) process sees results and writes files.
 
-    On an interrupt, queued jobs are cancelled rather than run to the end.
+    The pool never outlives this generator, whichever way it ends:
+
+    - every job done: the pool is shut down and joined (each worker exits on its sentinel);
+    - a job raises, an exception or interrupt (KeyboardInterrupt) arrives here, or the caller closes
+      the generator (GeneratorExit): queued jobs are cancelled, every process the executor started is
+      killed and joined, and so is the executor's manager thread, before the exception goes on.
+
+    Either way nothing is left for the interpreter's exit hooks to wait for. A caller that stops
+    iterating early must close the generator (``contextlib.closing``): an unclosed generator keeps
+    its pool until it is garbage-collected.
     """
     if workers <= 1:
         before = torch.get_num_threads()
@@ -158,17 +170,36 @@ def local_map(fn: Callable, jobs: list, workers: int, threads: int) -> Iterator:
             torch.set_num_threads(before)
         return
     ctx = get_context("spawn")  # fork after torch's thread pools start is unsafe
-    pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(threads,))
+    pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(threads, os.getpid()))
+    processes = pool._processes  # the executor's own table, {pid: process}, filled as it starts workers
     try:
         futures = [pool.submit(fn, job) for job in jobs]
         for fut in as_completed(futures):
             yield fut.result()
-    except BaseException:  # KeyboardInterrupt, GeneratorExit, a failed job
-        pool.shutdown(wait=False, cancel_futures=True)
-        for child in ctx.active_children():  # running jobs: nobody will record their results
-            child.terminate()
-        raise
-    pool.shutdown()
+        pool.shutdown()
+    finally:
+        _stop(pool, processes)
+
+
+def _stop(pool: ProcessPoolExecutor, processes: dict) -> None:
+    """Cancel what is queued, kill and join every worker of ``pool``, then its manager thread; at once.
+
+    Killed (SIGKILL), not asked to stop: a worker still starting runs the stage package's import,
+    which defers SIGTERM until a ``run_stage`` that a worker never reaches (stages/__init__.py), so
+    SIGTERM can be lost. And once any worker is killed, the call queue cannot be trusted: a worker
+    killed while waiting in ``Queue.get`` holds the queue's reader lock for good, so a surviving one
+    would wait for that lock forever, and the executor's manager thread (and, at exit,
+    ``concurrent.futures``' exit hook) with it. Their results are discarded anyway. After a clean
+    shutdown nothing is left alive and this returns at once."""
+    manager = pool._executor_manager_thread  # None once shut down, or if no job was submitted
+    pool.shutdown(wait=False, cancel_futures=True)
+    started = list(processes.values())
+    for p in started:
+        p.kill()
+    for p in started:
+        p.join()
+    if manager is not None:
+        manager.join()  # it sees every worker gone, fails what was pending, and ends
 
 
 class Checkpoint:
@@ -276,7 +307,10 @@ def run_trials(
     fn = _JobFn(str(pairs_dir), engine, device, record_grad_norms, keep_state)
     results = _execute(fn, jobs, todo, executor, workers, threads)
     try:
-        with tqdm(total=len(todo), desc=desc, unit="trial", disable=None, file=sys.stderr, smoothing=0.1) as bar:
+        with (
+            closing(results),
+            tqdm(total=len(todo), desc=desc, unit="trial", disable=None, file=sys.stderr, smoothing=0.1) as bar,
+        ):
             for outs in results:
                 for o in outs:
                     by_key[o.trial.key()] = o
@@ -286,7 +320,7 @@ def run_trials(
     except KeyboardInterrupt:
         raise KeyboardInterrupt(_kept(trials, ckpt, ckey, desc)) from None
     except StageError as err:  # the Ray cluster lost mid-run: what happened, then what was kept
-        raise type(err)(f"{err}; {_kept(trials, ckpt, ckey, desc)}") from None
+        raise type(err)(f"{str(err).rstrip('.')}; {_kept(trials, ckpt, ckey, desc)}") from None
     return [by_key[t.key()] for t in trials]
 
 
