@@ -5,7 +5,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: install browser qemu testdeps repro faithful verify verify-quick plots gpu-wheels test test-all lint
+.PHONY: install browser qemu testdeps repro faithful verify verify-quick check plots gpu-wheels test test-all lint
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt pyproject.toml
 	python3 -m venv $(VENV)
@@ -37,6 +37,11 @@ verify: install
 
 verify-quick: install
 	$(PY) scripts/verify.py --quick
+
+# Hash the workspace's outputs again (after a `dvc pull`, say) and compare with dvc.lock: names each file
+# whose bytes are wrong, and the fix (docs/remotes.md).
+check: install
+	$(PY) scripts/check_outputs.py
 
 repro: install
 	dvc repro

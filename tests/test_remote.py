@@ -1,13 +1,18 @@
 """The team workflow through a DVC remote: one clone computes and pushes (outputs and run-cache),
 fresh clones of its git history pull and retrain nothing. Against a local-folder remote and an
-S3-compatible server (moto, on 127.0.0.1); S3 credentials never reach a tracked file."""
+S3-compatible server (moto, on 127.0.0.1), each set up as docs/remotes.md does (`verify true`); S3
+credentials never reach a tracked file. A corrupt object in a remote is refused by `dvc pull`, and
+`make check` (scripts/check_outputs.py) names a corrupt file that a remote without `verify` let through."""
 
 from __future__ import annotations
 
 import hashlib
 import logging
 import re
+import subprocess
+import sys
 import uuid
+from pathlib import Path
 
 import pytest
 import yaml
@@ -60,6 +65,8 @@ def origin(tmp_path_factory, tiny_built):
     assert ran(log) == STAGES, log  # TARGET with its upstream stages, and nothing else
     dvc(repo, "remote", "add", "store", str(root / "store"))
     dvc(repo, "remote", "add", "-d", "s3", f"s3://{BUCKET}/digitpairs")
+    for remote in ("store", "s3"):
+        dvc(repo, "remote", "modify", remote, "verify", "true")
     s3_credentials(repo, endpoint)
     changed = [line[3:] for line in sh(repo, "git", "status", "--porcelain", "-uall").stdout.splitlines()]
     assert set(changed) == {".dvc/config"}, changed  # the results were committed; config.local is ignored
@@ -124,3 +131,53 @@ def test_no_secret_in_tracked_files(origin):
     local = origin["repo"] / ".dvc/config.local"
     assert SECRET in local.read_text()  # it is where credentials live...
     sh(origin["repo"], "git", "check-ignore", "-q", ".dvc/config.local")  # ...and git ignores it
+
+
+MODEL = "models_out/models/pair/draw_00.safetensors"
+
+
+def check(repo: Path) -> subprocess.CompletedProcess:
+    return sh(repo, sys.executable, "scripts/check_outputs.py", check=False)
+
+
+def test_a_corrupt_object_in_the_remote_is_refused_by_pull_and_named_by_the_check(tiny_built, tmp_path):
+    """One byte flipped in a folder remote's copy of a model. With `verify true` (docs/remotes.md),
+    `dvc pull` refuses the object; without it the pull, `dvc status` and `dvc repro` all pass it, and
+    `make check` names the file, with a fix that works once the remote holds the right bytes."""
+    origin = copy_repo(tiny_built, tmp_path / "origin")
+    dvc(origin, "remote", "add", "-d", "store", str(tmp_path / "store"))
+    dvc(origin, "remote", "modify", "store", "verify", "true")
+    sh(origin, "git", "commit", "-qam", "remote")
+    dvc(origin, "push")
+    md5 = hashlib.md5((origin / MODEL).read_bytes()).hexdigest()
+    remote_copy = tmp_path / "store/files/md5" / md5[:2] / md5[2:]
+    good = remote_copy.read_bytes()
+    remote_copy.chmod(0o644)
+    remote_copy.write_bytes(good[:1000] + bytes([good[1000] ^ 1]) + good[1001:])
+
+    repo = tmp_path / "clone"
+    sh(tmp_path, "git", "clone", "-q", str(origin), str(repo))
+    cp = dvc(repo, "pull", "-v", check=False)
+    log = cp.stdout + cp.stderr
+    assert cp.returncode != 0, log
+    assert re.search(rf"corrupted cache file '\S*{md5[:2]}/{md5[2:]}'", log), log  # -v names the object
+    assert re.search(r"Checkout failed for following targets:\s+models_out/models\b", log), log
+    assert not (repo / MODEL).exists()  # not used
+    assert check(repo).returncode == 1
+
+    dvc(repo, "remote", "modify", "--local", "store", "verify", "false")  # a remote set up without it
+    dvc(repo, "pull")
+    assert hashlib.md5((repo / MODEL).read_bytes()).hexdigest() != md5  # the corrupt bytes, unnoticed:
+    assert "up to date" in dvc(repo, "status").stdout
+    cp = check(repo)
+    assert cp.returncode == 1, cp.stdout + cp.stderr
+    wrong = [line for line in cp.stdout.splitlines() if line.startswith("wrong: ")]
+    assert len(wrong) == 1 and wrong[0].startswith(f"wrong: train: {MODEL} not as dvc.lock records; fix: "), cp.stdout
+    assert re.search(r"^\d+ of \d+ outputs match dvc.lock", cp.stdout, re.M), cp.stdout
+
+    remote_copy.write_bytes(good)  # the remote repaired (pushed again from a good clone)
+    fix = re.search(r"`(rm -rf [^`]+ && dvc pull [^`]+)`", wrong[0]).group(1)
+    sh(repo, "bash", "-c", fix)
+    assert hashlib.md5((repo / MODEL).read_bytes()).hexdigest() == md5
+    cp = check(repo)
+    assert cp.returncode == 0 and "wrong" not in cp.stdout, cp.stdout
