@@ -12,7 +12,7 @@ from digitpairs.core.paths import (
     TEST_ACCURACY_JSON,
     TEST_SCORES_CSV,
 )
-from digitpairs.core.variants import VARIANTS, variant_score
+from digitpairs.core.variants import PLUS, VARIANTS, variant_score
 from digitpairs.data.pairs import draw_path, load_draw, split
 from digitpairs.training.models import load_model
 from digitpairs.training.study import final_metrics, read_selected
@@ -28,11 +28,12 @@ def main(p: dict) -> None:
         x, t, c = split(load_draw(draw_path(PAIRS_DIR, draw)), "test")
         for variant in VARIANTS:
             model, cfg = load_model(MODELS_DIR / variant / f"draw_{draw:02d}")
+            tta = p["recipe"]["tta"] if variant == PLUS else 0  # siamese-plus's scoring, from its recipe
             rows.append(
                 {
                     "variant": variant,
                     "draw": draw,
-                    "accuracy": variant_score(variant, evaluate(model, cfg.arch, x, t, c)),
+                    "accuracy": variant_score(variant, evaluate(model, cfg.arch, x, t, c, tta=tta)),
                 }
             )
             if variant == "siamese-10":

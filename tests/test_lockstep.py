@@ -274,8 +274,22 @@ RECIPE = {
     "label smoothing": dict(label_smoothing=0.1),
     "shift": dict(shift=1),
     "elastic": dict(elastic=6.0, elastic_sigma=2.0),
+    "cutout": dict(cutout=5),
+    "dropout": dict(dropout=0.2),  # at 0.3 one trial's epoch is chaotic: a ReLU flip, 1e-3 apart (masks equal)
+    "ema": dict(ema=0.9),
+    "tta": dict(tta=1),
     "all": dict(
-        momentum=0.9, nesterov=True, weight_decay=5e-3, schedule="cosine", label_smoothing=0.1, shift=2, elastic=6.0
+        momentum=0.9,
+        nesterov=True,
+        weight_decay=5e-3,
+        schedule="cosine",
+        label_smoothing=0.1,
+        shift=2,
+        elastic=6.0,
+        cutout=4,
+        dropout=0.2,
+        ema=0.8,
+        tta=1,
     ),
 }
 
@@ -283,8 +297,9 @@ RECIPE = {
 @pytest.mark.parametrize("arch", ["pair", "siamese"])
 @pytest.mark.parametrize("addition", list(RECIPE))
 def test_recipe_additions_match_per_model_loop(draws, arch, addition):
-    """siamese-plus's training (torch.optim.SGD's momentum and weight decay, the schedule, smoothing,
-    shifts) is the same in both engines: small lrs (momentum multiplies the step by 10)."""
+    """siamese-plus's training and scoring (torch.optim.SGD's momentum and weight decay, the schedule,
+    smoothing, shifts, elastic distortions, cutout, dropout, the moving average of the weights, the
+    test-time shifts) are the same in both engines: small lrs (momentum multiplies the step by 10)."""
     job = [replace(t, train=replace(t.train, lr=t.train.lr / 5, **RECIPE[addition])) for t in mixed_job(arch, TINY)]
     assert len(group_trials(job, 64)) == 1  # lr and loss weights differ, the recipe does not: one job
     for trial, out in zip(job, run_lockstep(job, draws), strict=True):
@@ -295,6 +310,8 @@ def test_recipe_additions_match_per_model_loop(draws, arch, addition):
                 # rounding momentum accumulates over an epoch (about 1e-6) is 1e-4 of its largest entry
                 assert_close(value, out.state[key], 3e-4, key)
         assert out.result.epoch_loss == pytest.approx(ref.result.epoch_loss, rel=1e-5)
+        for split, scores in ref.scores.items():
+            assert out.scores[split] == pytest.approx(scores, abs=2e-3), split
 
 
 def test_recipe_changes_training_and_splits_jobs(draws):

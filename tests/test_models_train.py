@@ -10,11 +10,16 @@ from digitpairs.data.pairs import split
 from digitpairs.training.models import ModelConfig, build_model, load_model, save_model, weight_names
 from digitpairs.training.train import (
     TrainConfig,
+    average_posteriors,
     check_hparams,
+    cut_out,
+    cutout_corners,
+    dropout_mask,
     elastic_fields,
     evaluate,
     resolve_device,
     shift_images,
+    shifted_views,
     train,
     warp_images,
 )
@@ -124,6 +129,10 @@ def test_training_is_deterministic_and_shuffle_matters(draw0):
         ("siamese", dict(shift=5), "shift must be between 0 and 4"),
         ("siamese", dict(elastic=25.0), "elastic must be between 0 and 20"),
         ("siamese", dict(elastic=4.0, elastic_sigma=0.1), "elastic_sigma must be between 0.5 and 7"),
+        ("siamese", dict(cutout=15), "cutout must be between 0 and 14"),
+        ("siamese", dict(tta=5), "tta must be between 0 and 4"),
+        ("siamese", dict(dropout=1.0), r"dropout must be in \[0, 1\)"),
+        ("siamese", dict(ema=-0.1), r"ema must be in \[0, 1\)"),
     ],
 )
 def test_bad_hparams_raise_before_work(arch, change, match, draw0):
@@ -154,6 +163,50 @@ def test_elastic_distortion_moves_pixels_and_repeats_in_any_batch():
     assert 0.2 < float(large.abs().mean()) < 0.6  # sub-pixel moves at this strength
     warped = warp_images(x, small.view(-1, 2, 14, 14)[:6])
     assert not torch.equal(warped, x) and float(warped.min()) >= float(x.min())  # interpolates, invents nothing
+
+
+def test_cutout_pastes_a_background_square_clipped_at_the_edges():
+    x = torch.randn(3, 14, 14, generator=generator(0))
+    x[:, 0, 0] = -0.5  # the z-scored background, as in every MNIST corner
+    corners = torch.tensor([[2, 3], [-2, 12], [13, -13]])  # inside; over two edges; a 1-pixel overlap
+    out = cut_out(x, corners, 4)
+    changed = out != x
+    assert torch.equal(out[changed], torch.full((int(changed.sum()),), -0.5))
+    assert changed[0, 2:6, 3:7].all() and int(changed[0].sum()) == 16
+    assert changed[1, 0:2, 12:14].all() and int(changed[1].sum()) == 4
+    assert int(changed[2].sum()) == 0  # the square lies outside but for the background corner itself
+    c = cutout_corners(500, 4, generator(1))
+    assert c.shape == (500, 2, 2) and int(c.min()) == -3 and int(c.max()) == 13  # every placement that overlaps
+
+
+def test_dropout_mask_and_test_time_views():
+    m = dropout_mask((400, 256), 0.25, generator(0))
+    assert m.unique().tolist() == pytest.approx([0.0, 1 / 0.75])
+    assert abs(float((m == 0).float().mean()) - 0.25) < 0.01
+    assert torch.equal(m, dropout_mask((400, 256), 0.25, generator(0)))
+    views = shifted_views(1)
+    assert views[0] == (0, 0) and len(views) == 9 and len(set(views)) == 9
+    logits = torch.randn(5, 10, generator=generator(1))
+    torch.testing.assert_close(average_posteriors([logits, logits]).exp(), logits.softmax(-1))
+    pair = average_posteriors([(logits[:, :2], logits), (logits[:, :2] * 0, logits * 0)])
+    torch.testing.assert_close(pair[1].exp(), (logits.softmax(-1) + 0.1) / 2)
+
+
+def test_ema_keeps_the_average_and_tta_scores_the_shifted_views(draw0):
+    """With ema the model ends with the average (not the last step's weights); tta averages the
+    scores over views (a model scored on its shifted views differs from the plain one)."""
+    trial = make_trial("siamese-10", SMALL, TrainConfig(lr=0.1, epochs=2), draw=0, seed=1)
+    plain = run_trial(trial, draw0)
+    averaged = run_trial(replace(trial, train=replace(trial.train, ema=0.9)), draw0)
+    assert averaged.result.epoch_loss == plain.result.epoch_loss  # the same training
+    assert not torch.equal(averaged.state["branch.fc2.weight"], plain.state["branch.fc2.weight"])
+    assert torch.equal(averaged.state["branch.bn1.num_batches_tracked"], plain.state["branch.bn1.num_batches_tracked"])
+    model = plain.model()
+    x, t, c = split(draw0, "test")
+    assert evaluate(model, "siamese", x, t, c, tta=0) == plain.scores["test"]
+    assert evaluate(model, "siamese", x, t, c, tta=1) != plain.scores["test"]
+    with_tta = run_trial(replace(trial, train=replace(trial.train, tta=1)), draw0)
+    assert with_tta.scores["test"] == evaluate(model, "siamese", x, t, c, tta=1)
 
 
 def test_devices():

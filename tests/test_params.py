@@ -70,6 +70,10 @@ def edited(section: str, key: str, value) -> dict:
         ("recipe", "ablation_draws", 11, "recipe.ablation_draws=11 exceeds data.n_draws=10"),
         ("recipe", "elastic", -1, "recipe.elastic must be between 0 and 20"),
         ("recipe", "elastic_sigma", 0.1, "recipe.elastic_sigma must be between 0.5 and 7"),
+        ("recipe", "cutout", 15, "recipe.cutout must be between 0 and 14"),
+        ("recipe", "dropout", 1.0, "recipe.dropout must be >= 0 and < 1"),
+        ("recipe", "ema", -0.5, "recipe.ema must be >= 0 and < 1"),
+        ("recipe", "tta", 2.5, "recipe.tta must be"),
         ("recipe", "batch_size", 999, "recipe.batch_size=999 leaves a mini-batch of 1 pair"),
         ("recipe", "executor", "dask", "recipe.executor must be one of local, ray"),
         ("figures", "error_bars", "sem", "figures.error_bars must be one of group, grid"),
@@ -283,7 +287,15 @@ def some_selection(p: dict) -> dict:
     return {v: {k: p["recipe" if v == PLUS else "cv"][k][0] for k in GRID_KEYS} for v in VARIANTS}
 
 
-ALL_ADDITIONS = {"schedule": "cosine", "elastic": 1.0, "batch_size": 50}
+ALL_ADDITIONS = {
+    "schedule": "cosine",
+    "elastic": 1.0,
+    "batch_size": 50,
+    "cutout": 4,
+    "dropout": 0.2,
+    "ema": 0.9,
+    "tta": 1,
+}
 
 
 @pytest.mark.parametrize("name", ["defaults", "tiny", "every addition"])

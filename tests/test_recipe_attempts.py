@@ -12,7 +12,8 @@ from digitpairs.core.variants import ALL_ADDITIONS
 
 from tests.e2e import REPO, sh
 
-ATTEMPTS = runpy.run_path(str(REPO / "scripts/recipe_attempts.py"))["ATTEMPTS"]
+SCRIPT = runpy.run_path(str(REPO / "scripts/recipe_attempts.py"))
+ATTEMPTS, FRONTIER = SCRIPT["ATTEMPTS"], SCRIPT["FRONTIER"]
 
 
 def test_attempts_pair_with_the_recipe_and_correct_for_the_rows(tiny_repo):
@@ -20,12 +21,18 @@ def test_attempts_pair_with_the_recipe_and_correct_for_the_rows(tiny_repo):
     cp = sh(repo, sys.executable, "scripts/recipe_attempts.py", "2")
     rows = json.loads((repo / "results/recipe-attempts/attempts.json").read_text())
     prov = json.loads((repo / "results/recipe-attempts/provenance.json").read_text())
-    assert prov["trials"] == 2 * (1 + len(ATTEMPTS))
+    assert prov["trials"] == 2 * (1 + len(ATTEMPTS)) + 2 * (len(FRONTIER) - 1)
     assert f"attempts: resumed 1 of {prov['trials']} trials" in cp.stderr  # the recipe on draw 0: the stage's
     assert set(rows) == {ALL_ADDITIONS, *ATTEMPTS, "posterior decision"}
     assert {r["change_n"] for r in rows.values()} == {2}
     tested = [r for name, r in rows.items() if name != ALL_ADDITIONS]
     assert all(r["change_p_t"] <= r["change_p_t_holm"] <= 1 for r in tested if r["change_p_t"] is not None)
+    budgets = json.loads((repo / "results/recipe-attempts/frontier.json").read_text())
+    epochs = [int(e) for e in budgets]
+    assert epochs == [epochs[0] * f for f in FRONTIER] == prov["frontier_epochs"]
+    assert budgets[str(epochs[0])]["val_mean"] == rows[ALL_ADDITIONS]["val_mean"]  # the recipe's own rows
+    assert all(b["n"] == 2 and b["ci95_low"] <= b["val_mean"] <= b["ci95_high"] for b in budgets.values())
+    assert all("change_mean" in budgets[str(e)] for e in epochs[1:])
 
 
 def test_more_draws_than_the_data_has_is_one_line(tiny_built):

@@ -27,8 +27,10 @@ DPI_RANGE = (20, 600)
 # Layer widths: far above the study's grid, low enough that one model fits in memory.
 MAX_WIDTH = 4096
 # siamese-plus's augmentations (digitpairs.training.train), in pixels of a 14 x 14 digit image: a shift
-# of up to MAX_SHIFT; an elastic distortion's strength and its field's Gaussian width.
+# of up to MAX_SHIFT (also the test-time shifts' bound); a cutout's side; an elastic distortion's strength
+# and its field's Gaussian width.
 MAX_SHIFT = 4
+MAX_CUTOUT = 14  # a cutout square's side: at most the whole image
 ELASTIC_RANGE = (0.0, 20.0)
 ELASTIC_SIGMA_RANGE = (0.5, 7.0)
 
@@ -201,6 +203,10 @@ SCHEMA: dict[str, dict[str, Check]] = {
         "shift": _int(0, MAX_SHIFT),
         "elastic": _between(*ELASTIC_RANGE),
         "elastic_sigma": _between(*ELASTIC_SIGMA_RANGE),
+        "cutout": _int(0, MAX_CUTOUT),
+        "dropout": _fraction,
+        "ema": _fraction,
+        "tta": _int(0, MAX_SHIFT),
     },
     "figures": {"dpi": _int(*DPI_RANGE), "error_bars": _choice(*ERROR_BARS)},
     "limits": {"training_epochs": _int(1)},
@@ -219,6 +225,7 @@ def trainings(params: dict) -> dict[str, int]:
     # the ablation's rows: the full recipe, the study's SGD, and one per addition the recipe makes
     additions = [r["momentum"], r["nesterov"], r["weight_decay"], r["schedule"] != "constant"]
     additions += [r["label_smoothing"], r["shift"], r["elastic"], r["batch_size"] != t["batch_size"]]
+    additions += [r["cutout"], r["dropout"], r["ema"], r["tta"]]
     return {
         "cv": math.prod(len(cv[k]) for k in GRID_KEYS) * study * cv["n_draws"],
         "recipe": math.prod(len(r[k]) for k in GRID_KEYS) * r["n_draws"]

@@ -36,12 +36,14 @@ from digitpairs.training.models import build_model, weight_names
 from digitpairs.training.train import (
     TrainResult,
     augment,
+    augmentation,
+    average_posteriors,
     check_hparams,
-    elastic_fields,
+    dropout_mask,
     epoch_order,
     fraction,
     lr_factor,
-    shift_offsets,
+    shifted_views,
     siamese_scores,
 )
 from digitpairs.training.trials import Outcome, Trial
@@ -382,9 +384,11 @@ class _Stack:
             rv.lerp_(var * (n / max(n - 1, 1)), MOMENTUM)
         return out
 
-    def branch(self, cols: torch.Tensor, flat: torch.Tensor, training: bool) -> torch.Tensor:
+    def branch(
+        self, cols: torch.Tensor, flat: torch.Tensor, training: bool, mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """``cols``: conv1's im2col ``[K, 4 * B * 36, 9 * C]`` (:func:`conv1_cols`), ``flat``:
-        ``[K, B, 196 * C]`` images -> ``[K, B, n_out]``."""
+        ``[K, B, 196 * C]`` images -> ``[K, B, n_out]``; ``mask`` ``[K, B, nbfch]``: dropout's multiplier."""
         k, b = flat.shape[:2]
         nb1, p = self.cfg.nbch1, "branch."
         grad = torch.is_grad_enabled()
@@ -411,9 +415,11 @@ class _Stack:
         h = relu(self._linear(h, p + "fc1"))
         if self.cfg.batch_norm:
             h = self._bn(h, p + "bn3", training)
+        if mask is not None:  # dropout on the classifier's input
+            h = h * mask
         return self._linear(h, p + "fc2")
 
-    def forward(self, cols: torch.Tensor, flat: torch.Tensor, training: bool):
+    def forward(self, cols: torch.Tensor, flat: torch.Tensor, training: bool, mask: torch.Tensor | None = None):
         """A mini-batch from :meth:`_Split.take` -> pair logits ``[K, n, 2]``, or siamese comparison and
         digit logits ``([K, n, 2], [K, n, 2, 10])``.
 
@@ -422,10 +428,10 @@ class _Stack:
         """
         relu_logits = self.cfg.relu_logits
         if self.arch == "pair":
-            out = self.branch(cols, flat, training)
+            out = self.branch(cols, flat, training, mask)
             return F.relu(out) if relu_logits else out
         k, n = flat.shape[0], flat.shape[1] // 2
-        digits = self.branch(cols, flat, training).view(k, n, 2, 10)
+        digits = self.branch(cols, flat, training, mask).view(k, n, 2, 10)
         if relu_logits:
             digits = F.relu(digits)
         out = self._linear(digits.reshape(k, n, 20), "compare")
@@ -471,25 +477,30 @@ class _Split:
         self.offset = torch.tensor([ids.index(t.draw) * self.n for t in job], device=device).view(-1, 1)
 
     def take(
-        self, rows: torch.Tensor, offsets: torch.Tensor | None = None, fields: torch.Tensor | None = None
+        self,
+        rows: torch.Tensor,
+        offsets: torch.Tensor | None = None,
+        fields: torch.Tensor | None = None,
+        corners: torch.Tensor | None = None,
+        cutout: int = 0,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Rows ``[K, b]`` (already offset per model) -> ``cols, flat, target, classes`` of the mini-batch:
         conv1's im2col ``[K, 4 * b' * 36, 9 * C]`` (:func:`conv1_cols`) and images ``[K, b', 196 * C]``,
         where b' = b digit images (siamese: 2b, digit 1 of pair i at image 2i, digit 2 at 2i+1).
-        ``offsets [K, b, 2, 2]`` and ``fields [K, b, 2, 2, 14, 14]`` shift and distort every digit
-        image (``augment``, the loop engine's augmentation) and im2col is then computed afresh."""
+        ``offsets [K, b, 2, 2]``, ``fields [K, b, 2, 2, 14, 14]`` and ``corners [K, b, 2, 2]`` shift,
+        distort and cut out every digit image (``augment``, the loop engine's augmentation), and
+        im2col is then computed afresh."""
         k, b = rows.shape
         c, d = self.channels, self.digits
-        if offsets is None and fields is None:
+        if offsets is None and fields is None and corners is None:
             images = rows.unsqueeze(2) * d + torch.arange(d, device=rows.device) if d > 1 else rows.unsqueeze(2)
             cols = conv1_cols(self.cols, images.view(k, b * d))
             flat = self.images.index_select(0, rows.reshape(-1)).view(k, b * d, 196 * c)
             return cols, flat, self.target[rows], self.classes[rows]
         img = self.images.index_select(0, rows.reshape(-1))  # [K * b, 392], channels-last
         planes = img.view(-1, 14, 14, 2).permute(0, 3, 1, 2) if d == 1 else img.view(-1, 2, 14, 14)
-        offsets = offsets.reshape(-1, 2) if offsets is not None else None
-        fields = fields.reshape(-1, 2, 14, 14) if fields is not None else None
-        planes = augment(planes.reshape(-1, 14, 14), offsets, fields).view(-1, 2, 14, 14)
+        draws = [a.reshape(-1, *a.shape[3:]) if a is not None else None for a in (offsets, fields, corners)]
+        planes = augment(planes.reshape(-1, 14, 14), *draws, cutout).view(-1, 2, 14, 14)
         img = planes.permute(0, 2, 3, 1) if d == 1 else planes.unsqueeze(-1)
         img = img.reshape(-1, 14, 14, c)  # digit images in (model, pair, digit) order
         cols = conv1_cols(im2col(img), torch.arange(k * b * d, device=img.device).view(k, b * d))
@@ -581,19 +592,31 @@ class _SGDStep:
         self.w10 = torch.tensor([t.train.w10 for t in job], device=dev)
         self.neg_lr = [-lr.view(-1, *([1] * (p.dim() - 1))) for p in stack.params]
         self.momentum: list[torch.Tensor] = []  # torch.optim.SGD's buffers, created at the first step
+        # ema: the moving average of every float tensor of the state (train.EMA's), from the initial one
+        self.averaged = [t for name, t in stack.t.items() if not name.endswith("num_batches_tracked")]
+        self.average = [t.detach().clone() for t in self.averaged] if self.tc.ema else None
+
+    def keep_average(self) -> None:
+        """With ``ema``: the models take their averaged state, the one they are scored and kept with."""
+        if self.average is not None:
+            with torch.no_grad():
+                torch._foreach_copy_(self.averaged, self.average)
 
     def __call__(
         self,
         rows: torch.Tensor,
         loss_acc: torch.Tensor,
         norms_row: torch.Tensor | None = None,
-        offsets: torch.Tensor | None = None,
         factor: float = 1.0,
-        fields: torch.Tensor | None = None,
+        draws: tuple = (None, None, None),
+        mask: torch.Tensor | None = None,
     ) -> None:
+        """``draws``: the mini-batch's ``(offsets, fields, corners)`` (:func:`augmentation`, stacked per
+        model), ``mask``: dropout's multiplier ``[K, b', nbfch]``."""
         stack, tc = self.stack, self.tc
-        cols, flat, tgt, cls = self.data.take(rows, offsets, fields)
-        losses = _losses(stack, stack.forward(cols, flat, True), tgt, cls, self.w2, self.w10, tc.label_smoothing)
+        cols, flat, tgt, cls = self.data.take(rows, *draws, tc.cutout)
+        out = stack.forward(cols, flat, True, mask)
+        losses = _losses(stack, out, tgt, cls, self.w2, self.w10, tc.label_smoothing)
         grads = list(torch.autograd.grad(losses.sum(), stack.params))
         with torch.no_grad():
             if norms_row is not None:
@@ -603,6 +626,8 @@ class _SGDStep:
             loss_acc += losses.detach() * rows.shape[1]
             for t in stack.counters:
                 t += 1
+            if self.average is not None:
+                torch._foreach_lerp_(self.average, self.averaged, 1 - tc.ema)
 
     def _update(self, grads: list[torch.Tensor], factor: float) -> None:
         tc, momentum = self.tc, self.momentum
@@ -622,18 +647,17 @@ class _SGDStep:
 def _train(
     step: _SGDStep, data: _Split, job: list[Trial], dev: torch.device, norms: torch.Tensor | None
 ) -> torch.Tensor:
-    """Every epoch's mini-batches, each model in its own shuffled order with its own augmentation draws;
-    returns the mean training loss per epoch and model ``[epochs, K]``."""
+    """Every epoch's mini-batches, each model in its own shuffled order with its own augmentation and
+    dropout draws; returns the mean training loss per epoch and model ``[epochs, K]``."""
     tc, n = job[0].train, data.n
     bs = int(tc.batch_size)
     steps = tc.epochs * -(-n // bs)
     gens = [t.shuffle_generator() for t in job]
-    shift_gens = [t.shift_generator() for t in job]
-    elastic_gens = [t.elastic_generator() for t in job]
+    randoms = [t.generators() for t in job]
     epoch_loss = torch.zeros(tc.epochs, len(job), device=dev)
     # A graph freezes the step's shapes (every mini-batch full), its lr and its inputs' pixels, and
     # records no per-step output.
-    plain = tc.schedule == "constant" and not tc.shift and not tc.elastic
+    plain = tc.schedule == "constant" and not (tc.shift or tc.elastic or tc.cutout or tc.dropout)
     graphable = dev.type == "cuda" and CUDA_GRAPHS and n % bs == 0 and norms is None and plain
     step_fn = _GraphedStep(step, len(job), bs, dev) if graphable else step
     i = 0
@@ -645,26 +669,38 @@ def _train(
                 step_fn(rows, epoch_loss[epoch])
             else:
                 b = rows.shape[1]
-                offsets = torch.stack([shift_offsets(b, tc.shift, g) for g in shift_gens]) if tc.shift else None
-                fields = (
-                    torch.stack([elastic_fields(b, tc.elastic, tc.elastic_sigma, g) for g in elastic_gens]).to(dev)
-                    if tc.elastic
-                    else None
-                )
+                per_model = zip(*(augmentation(tc, b, r) for r in randoms), strict=True)
+                draws = tuple(torch.stack(d).to(dev) if d[0] is not None else None for d in per_model)
+                mask = _dropout_masks(randoms, tc.dropout, (b * data.digits, step.stack.cfg.nbfch), dev)
                 norms_row = norms[i] if norms is not None else None
-                step_fn(rows, epoch_loss[epoch], norms_row, offsets, lr_factor(tc, i, steps), fields)
+                step_fn(rows, epoch_loss[epoch], norms_row, lr_factor(tc, i, steps), draws, mask)
             i += 1
+    step.keep_average()
     return (epoch_loss / n).cpu()
+
+
+def _dropout_masks(randoms: list, p: float, shape: tuple[int, int], dev: torch.device) -> torch.Tensor | None:
+    """Each model's dropout multiplier for one mini-batch, stacked ``[K, *shape]``; ``None`` without dropout."""
+    return torch.stack([dropout_mask(shape, p, r["dropout"]) for r in randoms]).to(dev) if p else None
 
 
 @torch.no_grad()
 def _evaluate(stack: _Stack, job: list[Trial], draws: dict[int, Draw], name: str, dev) -> list[dict[str, float]]:
-    """``evaluate``'s accuracies for each model, in eval mode, forwarding the split in chunks."""
+    """``evaluate``'s accuracies for each model, in eval mode, forwarding the split in chunks; with
+    ``tta``, of the posteriors averaged over the shifted views of every digit, as ``evaluate`` does."""
     data = _Split(job, draws, name, dev)
+    tta = job[0].train.tta
     outs: list[list[torch.Tensor]] = []
     for start in range(0, data.n, EVAL_CHUNK):
-        cols, flat, _, _ = data.take(data.offset + torch.arange(start, min(data.n, start + EVAL_CHUNK), device=dev))
-        out = stack.forward(cols, flat, False)
+        rows = data.offset + torch.arange(start, min(data.n, start + EVAL_CHUNK), device=dev)
+        if tta:
+            views = []
+            for view in shifted_views(tta):
+                offsets = torch.tensor(view, device=dev).expand(*rows.shape, 2, 2)
+                views.append(stack.forward(*data.take(rows, offsets)[:2], False))
+            out = average_posteriors(views)
+        else:
+            out = stack.forward(*data.take(rows)[:2], False)
         outs.append(list(out) if isinstance(out, tuple) else [out])
     out = [torch.cat(parts, 1) for parts in zip(*outs, strict=True)]
     rows = data.offset + torch.arange(data.n, device=dev)

@@ -39,6 +39,10 @@ RECIPE_KEYS = (
     "shift",
     "elastic",
     "elastic_sigma",
+    "cutout",
+    "dropout",
+    "ema",
+    "tta",
 )
 
 
@@ -170,6 +174,14 @@ def ablations(tc: TrainConfig, study_batch_size: int) -> dict[str, TrainConfig]:
         out["no elastic distortions"] = replace(tc, elastic=0.0)
     if tc.batch_size != study_batch_size:
         out[f"batch size {study_batch_size}"] = replace(tc, batch_size=study_batch_size)
+    if tc.cutout:
+        out["no cutout"] = replace(tc, cutout=0)
+    if tc.dropout:
+        out["no dropout"] = replace(tc, dropout=0.0)
+    if tc.ema:
+        out["no weight averaging"] = replace(tc, ema=0.0)
+    if tc.tta:
+        out["no test-time shifts"] = replace(tc, tta=0)
     return out
 
 

@@ -1,9 +1,9 @@
 """Per-model training and evaluation, as in the study (SGD, cross-entropy, mini-batches).
 
 The study trains with plain SGD at a constant rate; :class:`TrainConfig`'s other fields (momentum,
-weight decay, a cosine schedule, label smoothing, random shifts) are what the fourth variant,
-siamese-plus, adds. At their defaults they change nothing: the study's trainings run the same
-arithmetic as before they existed.
+weight decay, a cosine schedule, label smoothing, augmentations, dropout, weight averaging, test-time
+shifts) are what the fourth variant, siamese-plus, may add. At their defaults they change nothing:
+the study's trainings run the plain arithmetic.
 """
 
 from __future__ import annotations
@@ -11,7 +11,14 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from digitpairs.core.params import ELASTIC_RANGE, ELASTIC_SIGMA_RANGE, MAX_SHIFT, SCHEDULES, check_device
+from digitpairs.core.params import (
+    ELASTIC_RANGE,
+    ELASTIC_SIGMA_RANGE,
+    MAX_CUTOUT,
+    MAX_SHIFT,
+    SCHEDULES,
+    check_device,
+)
 from digitpairs.training.models import ModelConfig, weight_names
 
 import torch
@@ -37,6 +44,13 @@ class TrainConfig:
     shift: int = 0  # augmentation: move each digit image by up to this many pixels, fresh every step
     elastic: float = 0.0  # augmentation: elastic distortion of this strength (pixels), fresh every step
     elastic_sigma: float = 2.0  # the distortion's smoothness: its random field's Gaussian width (pixels)
+    cutout: int = 0  # augmentation: paste a square of background this many pixels wide on each digit, every step
+    dropout: float = 0.0  # drop each input of the digit classifier (the last layer) with this probability
+    ema: float = 0.0  # keep an exponential moving average of the weights with this decay, the model kept
+    tta: int = 0  # scoring: average the posteriors over the shifts of each digit by up to this many pixels
+
+
+Generators = dict[str, torch.Generator]  # a training's random streams by use: shift, elastic, cutout, dropout
 
 
 def lr_factor(cfg: TrainConfig, step: int, steps: int) -> float:
@@ -94,12 +108,68 @@ def warp_images(images: torch.Tensor, fields: torch.Tensor) -> torch.Tensor:
     return top * (1 - fr) + bottom * fr
 
 
-def augment(images: torch.Tensor, offsets: torch.Tensor | None, fields: torch.Tensor | None) -> torch.Tensor:
+def cutout_corners(n: int, size: int, g: torch.Generator) -> torch.Tensor:
+    """Random top-left corners ``[n, 2 digits, 2]`` of each digit's square, which may overhang the
+    image's top and left edges as its bottom and right ones (DeVries & Taylor 2017)."""
+    return torch.randint(1 - size, 14, (n, 2, 2), generator=g)
+
+
+def cut_out(images: torch.Tensor, corners: torch.Tensor, size: int) -> torch.Tensor:
+    """Paste a ``size``-wide square of background (each image's corner pixel, the z-scored 0) on
+    ``images [N, 14, 14]`` at ``corners [N, 2]``."""
+    idx = torch.arange(14, device=images.device)
+    corners = corners.to(images.device)
+    rows = (idx >= corners[:, :1]) & (idx < corners[:, :1] + size)  # [N, 14]
+    cols = (idx >= corners[:, 1:]) & (idx < corners[:, 1:] + size)
+    square = rows[:, :, None] & cols[:, None, :]
+    return torch.where(square, images[:, :1, :1], images)
+
+
+def augment(
+    images: torch.Tensor,
+    offsets: torch.Tensor | None,
+    fields: torch.Tensor | None,
+    corners: torch.Tensor | None = None,
+    cutout: int = 0,
+) -> torch.Tensor:
     """One mini-batch's augmentation of its digit images ``[N, 14, 14]`` (both engines call it): the
-    shifts' ``offsets [N, 2]``, then the elastic ``fields [N, 2, 14, 14]``, each when given."""
+    shifts' ``offsets [N, 2]``, the elastic ``fields [N, 2, 14, 14]``, then the cutout squares at
+    ``corners [N, 2]``, each when given."""
     if offsets is not None:
         images = shift_images(images, offsets)
-    return warp_images(images, fields) if fields is not None else images
+    if fields is not None:
+        images = warp_images(images, fields)
+    return cut_out(images, corners, cutout) if corners is not None else images
+
+
+def augmentation(cfg: TrainConfig, n: int, gens: Generators) -> tuple:
+    """One mini-batch's random draws for ``n`` pairs: ``(offsets, fields, corners)``, each ``None`` when
+    its augmentation is off (both engines draw them the same way, from the same generators)."""
+    offsets = shift_offsets(n, cfg.shift, gens["shift"]) if cfg.shift else None
+    fields = elastic_fields(n, cfg.elastic, cfg.elastic_sigma, gens["elastic"]) if cfg.elastic else None
+    corners = cutout_corners(n, cfg.cutout, gens["cutout"]) if cfg.cutout else None
+    return offsets, fields, corners
+
+
+def augmented(x: torch.Tensor, cfg: TrainConfig, gens: Generators) -> torch.Tensor:
+    """A mini-batch of pairs ``[n, 2, 14, 14]`` with its augmentations (the loop engine's), if any."""
+    if not (cfg.shift or cfg.elastic or cfg.cutout):
+        return x
+    draws = [a.reshape(-1, *a.shape[2:]) if a is not None else None for a in augmentation(cfg, len(x), gens)]
+    return augment(x.reshape(-1, 14, 14), *draws, cfg.cutout).view_as(x)
+
+
+def dropout_mask(shape: tuple[int, ...], p: float, g: torch.Generator) -> torch.Tensor:
+    """Inverted dropout's multiplier: 0 with probability ``p``, else ``1 / (1 - p)``; from ``g``, so both
+    engines drop the same units."""
+    return (torch.rand(shape, generator=g) >= p).float().div_(1 - p)
+
+
+def shifted_views(radius: int) -> list[tuple[int, int]]:
+    """The (rows, columns) offsets that test-time augmentation averages over: every shift by up to
+    ``radius`` pixels, the image itself first."""
+    r = range(-radius, radius + 1)
+    return sorted(((i, j) for i in r for j in r), key=lambda o: (o != (0, 0), o))
 
 
 @dataclass
@@ -140,6 +210,14 @@ def check_hparams(arch: str, cfg: TrainConfig, n_train: int) -> None:
     for name, (low, high) in (("elastic", ELASTIC_RANGE), ("elastic_sigma", ELASTIC_SIGMA_RANGE)):
         if not low <= getattr(cfg, name) <= high:
             raise ValueError(f"{name} must be between {low:g} and {high:g} pixels, got {getattr(cfg, name)!r}.")
+    if not 0 <= int(cfg.cutout) <= MAX_CUTOUT:
+        raise ValueError(f"cutout must be between 0 and {MAX_CUTOUT} pixels, got {cfg.cutout!r}.")
+    if not 0 <= int(cfg.tta) <= MAX_SHIFT:
+        raise ValueError(f"tta must be between 0 and {MAX_SHIFT} pixels, got {cfg.tta!r}.")
+    if not 0 <= cfg.dropout < 1:
+        raise ValueError(f"dropout must be in [0, 1), got {cfg.dropout!r}.")
+    if not 0 <= cfg.ema < 1:
+        raise ValueError(f"ema must be in [0, 1), got {cfg.ema!r}.")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -173,17 +251,19 @@ def train(
     cfg: TrainConfig,
     g: torch.Generator,
     record_grad_norms: bool = False,
-    g_shift: torch.Generator | None = None,
-    g_elastic: torch.Generator | None = None,
+    gens: Generators | None = None,
 ) -> TrainResult:
     """Train ``model`` in place on the device its parameters live on; data is moved there once.
 
-    ``g`` orders the mini-batches; ``g_shift`` and ``g_elastic`` draw the augmentations' offsets and
-    fields (with ``cfg.shift``, ``cfg.elastic``).
+    ``g`` orders the mini-batches; ``gens`` draws the augmentations and the dropout masks (needed when
+    ``cfg`` turns them on). With ``cfg.ema`` the model ends with the moving average of its weights.
     """
     check_hparams(arch, cfg, len(inputs))
-    if (cfg.shift and g_shift is None) or (cfg.elastic and g_elastic is None):
-        raise ValueError("a training with shift or elastic > 0 needs its augmentation generators (g_shift, g_elastic).")
+    gens = gens or {}
+    uses = {"shift": cfg.shift, "elastic": cfg.elastic, "cutout": cfg.cutout, "dropout": cfg.dropout}
+    missing = [k for k, on in uses.items() if on and k not in gens]
+    if missing:
+        raise ValueError(f"this training needs its random generators {missing} (gens).")
     device = next(model.parameters()).device
     inputs, target, classes = inputs.to(device), target.to(device), classes.to(device)
     opt = torch.optim.SGD(
@@ -193,9 +273,10 @@ def train(
     params = dict(model.named_parameters())
     weights = [params[n] for n in names]
     n, bs = len(inputs), int(cfg.batch_size)
-    steps_per_epoch = (n + bs - 1) // bs
-    steps = cfg.epochs * steps_per_epoch
+    steps = cfg.epochs * ((n + bs - 1) // bs)
     norms = torch.zeros(steps, len(names), device=device) if record_grad_norms else None
+    average = EMA(model, cfg.ema) if cfg.ema else None
+    dropped = Dropout(model, cfg.dropout, gens.get("dropout"))
     epoch_loss = []
     model.train()
     step = 0
@@ -204,12 +285,8 @@ def train(
         total = torch.zeros((), device=device)
         for start in range(0, n, bs):
             idx = order[start : start + bs]
-            x = inputs[idx]
-            if cfg.shift or cfg.elastic:
-                offsets = shift_offsets(len(idx), cfg.shift, g_shift).view(-1, 2) if cfg.shift else None
-                fields = elastic_fields(len(idx), cfg.elastic, cfg.elastic_sigma, g_elastic) if cfg.elastic else None
-                x = augment(x.reshape(-1, 14, 14), offsets, fields.view(-1, 2, 14, 14) if cfg.elastic else None)
-                x = x.view(len(idx), 2, 14, 14)
+            x = augmented(inputs[idx], cfg, gens)
+            dropped.draw(len(idx) * (2 if arch == "siamese" else 1))
             loss = loss_fn(arch, model(x), target[idx], classes[idx], cfg.w2, cfg.w10, cfg.label_smoothing)
             opt.zero_grad(set_to_none=False)
             loss.backward()
@@ -217,17 +294,66 @@ def train(
                 norms[step] = torch.stack(torch._foreach_norm([w.grad for w in weights]))
             opt.param_groups[0]["lr"] = cfg.lr * lr_factor(cfg, step, steps)
             opt.step()
+            if average:
+                average.update(model)
             total += loss.detach() * len(idx)
             step += 1
         epoch_loss.append(float(total) / n)
+    dropped.remove()
+    if average:
+        model.load_state_dict(average.state)
     return TrainResult(epoch_loss, names, norms.cpu() if norms is not None else None)
+
+
+class EMA:
+    """An exponential moving average of a model's state (weights and batch-norm statistics), updated
+    after every step as ``avg += (1 - decay) * (current - avg)`` from the initial state: the model a
+    training with ``ema`` keeps and scores. Both engines update with the same elementwise formula."""
+
+    def __init__(self, model: nn.Module, decay: float) -> None:
+        self.weight = 1 - decay
+        self.state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        for k, v in model.state_dict().items():
+            if v.is_floating_point():
+                self.state[k].lerp_(v, self.weight)
+            else:
+                self.state[k].copy_(v)  # num_batches_tracked
+
+
+class Dropout:
+    """Dropout on the digit classifier's input (``branch.fc2``), with masks from an explicit generator:
+    :meth:`draw` makes the next forward use a fresh mask for ``rows`` inputs (each siamese digit is a
+    row). Off (no hook) when ``p`` is 0 or the model is in eval mode."""
+
+    def __init__(self, model: nn.Module, p: float, g: torch.Generator | None) -> None:
+        self.p, self.g, self.mask, self.hook = p, g, None, None
+        self.width = model.branch.fc2.in_features
+        if p:
+            self.hook = model.branch.fc2.register_forward_pre_hook(self._apply)
+
+    def draw(self, rows: int) -> None:
+        if self.p:
+            self.mask = dropout_mask((rows, self.width), self.p, self.g)
+
+    def _apply(self, module: nn.Module, args: tuple) -> tuple | None:
+        if not module.training:
+            return None
+        return (args[0] * self.mask.to(args[0].device),)
+
+    def remove(self) -> None:
+        if self.hook is not None:
+            self.hook.remove()
 
 
 @torch.no_grad()
 def evaluate(
-    model: nn.Module, arch: str, inputs: torch.Tensor, target: torch.Tensor, classes: torch.Tensor
+    model: nn.Module, arch: str, inputs: torch.Tensor, target: torch.Tensor, classes: torch.Tensor, tta: int = 0
 ) -> dict[str, float]:
-    """Accuracies of a model in eval mode.
+    """Accuracies of a model in eval mode; with ``tta``, of its posteriors averaged over the shifted
+    views of every digit (:func:`shifted_views`, :func:`average_posteriors`).
 
     pair: ``accuracy``. siamese: ``comparison_accuracy`` (the 2-way head),
     ``digit_comparison_accuracy`` (argmax d1 <= argmax d2) and ``digit_accuracy``.
@@ -235,12 +361,34 @@ def evaluate(
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    out = model(inputs.to(device))
+    inputs = inputs.to(device)
+    if tta:
+        n = len(inputs)
+        views = []
+        for view in shifted_views(tta):
+            offsets = torch.tensor(view).expand(2 * n, 2)
+            views.append(model(shift_images(inputs.reshape(-1, 14, 14), offsets).view_as(inputs)))
+        out = average_posteriors(views)
+    else:
+        out = model(inputs)
     target, classes = target.to(device), classes.to(device)
     model.train(was_training)
     if arch == "pair":
         return {"accuracy": fraction(out.argmax(1) == target)}
     return siamese_scores(out[0], out[1], target, classes)
+
+
+def average_posteriors(views: list) -> torch.Tensor | tuple[torch.Tensor, ...]:
+    """The log of the mean softmax over ``views`` (each a model's output: logits, or a tuple of them),
+    summed in the views' order: log-probabilities that every decision rule reads like logits."""
+    parts = [v if isinstance(v, tuple) else (v,) for v in views]
+    out = []
+    for logits in zip(*parts, strict=True):
+        total = logits[0].softmax(-1)
+        for x in logits[1:]:
+            total = total + x.softmax(-1)
+        out.append(total.div_(len(logits)).log_())
+    return tuple(out) if isinstance(views[0], tuple) else out[0]
 
 
 def siamese_scores(

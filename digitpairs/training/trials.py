@@ -10,10 +10,12 @@ from digitpairs.core.seeding import generator
 from digitpairs.core.variants import VARIANTS
 from digitpairs.data.pairs import Draw, split
 from digitpairs.training.models import ModelConfig, build_model
-from digitpairs.training.train import TrainConfig, TrainResult, evaluate, train
+from digitpairs.training.train import Generators, TrainConfig, TrainResult, evaluate, train
 
 import torch
 from torch import nn
+
+RANDOM_USES = ("shift", "elastic", "cutout", "dropout")
 
 
 @dataclass(frozen=True)
@@ -35,13 +37,11 @@ class Trial:
         """Mini-batch order depends on seed and draw only (common random numbers across configs)."""
         return generator(self.seed, "shuffle", self.draw)
 
-    def shift_generator(self) -> torch.Generator:
-        """Augmentation offsets depend on seed and draw only, like the mini-batch order."""
-        return generator(self.seed, "shift", self.draw)
-
-    def elastic_generator(self) -> torch.Generator:
-        """Elastic distortions depend on seed and draw only, like the shifts."""
-        return generator(self.seed, "elastic", self.draw)
+    def generators(self) -> Generators:
+        """The random streams of the augmentations and the dropout masks (:data:`RANDOM_USES`), each
+        keyed by its use, seed and draw only, like the mini-batch order: turning one on or changing
+        its strength leaves the others' draws as they were."""
+        return {use: generator(self.seed, use, self.draw) for use in RANDOM_USES}
 
     def key(self) -> str:
         """Stable hash of the full configuration (for checkpoints and resumption)."""
@@ -91,9 +91,8 @@ def run_trial(
         trial.train,
         trial.shuffle_generator(),
         record_grad_norms,
-        trial.shift_generator(),
-        trial.elastic_generator(),
+        trial.generators(),
     )
-    scores = {s: evaluate(model, trial.model.arch, *split(draw, s)) for s in ("val", "test")}
+    scores = {s: evaluate(model, trial.model.arch, *split(draw, s), tta=trial.train.tta) for s in ("val", "test")}
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     return Outcome(trial, scores, result, state)
