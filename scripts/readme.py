@@ -4,8 +4,9 @@
     python scripts/readme.py --check    # exit 1 if a page differs from what the files say (tests do this)
 
 Blocks (each in exactly one page): ``results`` (models_out/metrics.json); ``findings`` and ``ablation``
-(models_out/findings.json); ``recipe-attempts`` (results/recipe-attempts/, written by
-``scripts/recipe_attempts.py``); ``faithful`` (results/faithful/, written by ``scripts/faithful.py``); ``full-grid``
+(models_out/findings.json); ``recipe-attempts`` and ``frontier`` (results/recipe-attempts/, written by
+``scripts/recipe_attempts.py``); ``headline`` (metrics.json and the frontier); ``faithful`` (results/faithful/,
+written by ``scripts/faithful.py``); ``full-grid``
 (results/full-grid/, written by ``scripts/gpu_full_grid.py publish``); ``repro-time``, ``cold-repro``,
 ``benchmark``, ``numerics`` and ``pins-cost`` (results/timings.json: what was measured, with which command, on
 which commit and machine).
@@ -164,6 +165,58 @@ def recipe_attempts_block() -> str:
             f"Attempts that raise validation accuracy after Holm's correction (p < 0.05): "
             f"{quoted(gains)}.",
         ]
+    )
+
+
+GOAL = 0.99  # siamese-plus's target accuracy
+
+
+def frontier_rows() -> list[tuple[int, dict]]:
+    """(epochs, row) of the recipe's budget frontier (results/recipe-attempts/frontier.json), fewest first."""
+    rows = json.loads((ATTEMPTS / "frontier.json").read_text())
+    return sorted((int(e), r) for e, r in rows.items())
+
+
+def frontier_summary() -> str:
+    """Which budget reaches the goal on the validation pairs (mean over draws), if any of those tried."""
+    rows = frontier_rows()
+    listed = ", ".join(f"{pct(r['val_mean'])}% at {e}" for e, r in rows)
+    reached = [e for e, r in rows if r["val_mean"] >= GOAL]
+    verdict = (
+        f"the first budget whose mean reaches {pct(GOAL)}% is {reached[0]} epochs"
+        if reached
+        else f"none of these budgets reaches {pct(GOAL)}%"
+    )
+    return f"the recipe's validation accuracy by epochs ({rows[0][1]['n']} draws): {listed}; {verdict}"
+
+
+def frontier_block() -> str:
+    """The recipe's validation accuracy at larger budgets, and which one reaches the goal."""
+    rows = frontier_rows()
+    base = rows[0][0]
+    table = [
+        f"| epochs | validation accuracy (mean ± std) | 95% CI | change from {base} epochs | 95% CI | p, t-test "
+        "| draws |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for e, r in rows:
+        cells = ["", "", ""]
+        if "change_mean" in r:
+            ci = f"[{pts(r['change_ci95_low'])}, {pts(r['change_ci95_high'])}]"
+            cells = [pts(r["change_mean"]), ci, pval(r["change_p_t"])]
+        value = f"{pts(r['val_mean'], False)}% ± {pts(r['val_std'], False)}"
+        band = f"[{pts(r['ci95_low'], False)}, {pts(r['ci95_high'], False)}]"
+        table.append("| " + " | ".join([str(e), value, band, *cells, str(r["n"])]) + " |")
+    return "\n".join([*table, "", f"In short, {frontier_summary()}."])
+
+
+def headline_block() -> str:
+    """The line under the README's results: siamese-plus against its goal, and the budget frontier."""
+    m = json.loads(METRICS.read_text())[PLUS]
+    met = "meets" if m["accuracy_mean"] >= GOAL else "misses"
+    return (
+        f"siamese-plus {met} the {pct(GOAL)}% goal within the study's budget ({pct(m['accuracy_mean'])}% on the "
+        f"test pairs); beyond it, {frontier_summary()} ([frontier](docs/siamese-plus.md#the-budget-frontier))."
     )
 
 
@@ -414,6 +467,8 @@ BLOCKS = {
     "findings": findings_block,
     "ablation": ablation_block,
     "recipe-attempts": recipe_attempts_block,
+    "frontier": frontier_block,
+    "headline": headline_block,
     "faithful": faithful_block,
     "full-grid": full_grid_block,
     "repro-time": repro_time_block,

@@ -124,7 +124,7 @@ def main(p: dict, n_draws: int) -> None:
         "recipe": selected,
     }
     write_json(provenance, OUT / "provenance.json")
-    print(f"{len(trials)} trials in {seconds:.0f} s; results in {OUT.relative_to(REPO)}/")
+    print(f"{len(trials) + len(longer)} trials in {seconds:.0f} s; results in {OUT.relative_to(REPO)}/")
 
 
 if __name__ == "__main__":
