@@ -53,6 +53,15 @@ def config(c: dict) -> str:
     )
 
 
+def recipe_additions() -> str:
+    """What siamese-plus adds, as its ablation names them (each "no X" row drops X; findings.json)."""
+    rows = json.loads(FINDINGS.read_text())["ablation"]
+    added = [n.removeprefix("no ") for n in rows if n.startswith("no ")]
+    added += ["cosine schedule"] * ("constant lr" in rows)
+    added += ["its own batch size" for n in rows if n.startswith("batch size ")]  # "batch size <the study's>"
+    return ", ".join(added)
+
+
 def results_block() -> str:
     metrics = json.loads(METRICS.read_text())
     rows = [
@@ -62,7 +71,7 @@ def results_block() -> str:
     ]
     for variant in VARIANTS:
         m = metrics[variant]
-        recipe = " + the recipe (`params.yaml` `recipe`)" if variant == PLUS else ""
+        recipe = f" + the recipe: {recipe_additions()} (`params.yaml` `recipe`)" if variant == PLUS else ""
         rows.append(
             f"| {variant} | {pct(m['accuracy_mean'])}% ± {pct(m['accuracy_std'])} | "
             f"[{pct(m['ci95_low'])}, {pct(m['ci95_high'])}] | {config(m['config'])}{recipe} |"
