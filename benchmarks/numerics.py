@@ -185,7 +185,7 @@ def record(s: dict, note: str) -> None:
         "commit": commit.stdout.strip(),
         "machine": numerics.machine(),
         "mkl_cbwr": numerics.ENV_PINS["MKL_CBWR"],
-        "gemm": f"OpenBLAS {numerics.openblas()['version']} ({numerics.OPENBLAS_CORE} kernels)",
+        "gemm": numerics.products(),
         "note": note,
         **s,
     }

@@ -30,9 +30,9 @@ import digitpairs  # noqa: E402,F401  (numeric pins before torch computes)
 from digitpairs.core import numerics, params  # noqa: E402
 from digitpairs.core.io import run_stage, write_csv, write_json  # noqa: E402
 from digitpairs.core.paths import CHECKPOINTS, CV_DIR, RECIPE_SELECTED  # noqa: E402
-from digitpairs.core.stats import ci95, mean_std, paired  # noqa: E402
+from digitpairs.core.stats import ci95, mean_std  # noqa: E402
 from digitpairs.core.variants import ALL_ADDITIONS, PLUS, VARIANTS  # noqa: E402
-from digitpairs.report.findings import ablation  # noqa: E402
+from digitpairs.report.findings import ablation, pair_over_draws  # noqa: E402
 from digitpairs.training.study import ablation_table, ablation_trials, run  # noqa: E402
 
 import pandas as pd  # noqa: E402
@@ -92,7 +92,7 @@ def frontier(outcomes: list) -> dict[str, dict]:
         (mean, std), (low, high) = mean_std(values), ci95(values)
         out[str(epochs)] = {"val_mean": mean, "val_std": std, "ci95_low": low, "ci95_high": high, "n": len(values)}
         if epochs != min(series):
-            change = paired(list(values), list(base))
+            change = pair_over_draws(values, base)
             out[str(epochs)] |= {f"change_{k}": change[k] for k in ("mean", "ci95_low", "ci95_high", "p_t")}
     return out
 
@@ -108,7 +108,7 @@ def main(p: dict, n_draws: int) -> None:
     table = ablation_table(names, outcomes[: len(trials)])
     write_csv(table, OUT / "attempts.csv")
     write_json(ablation(table), OUT / "attempts.json")
-    recipe = [o for n, o in zip(names, outcomes, strict=False) if n == ALL_ADDITIONS]
+    recipe = [o for n, o in zip(names, outcomes[: len(trials)], strict=True) if n == ALL_ADDITIONS]
     write_json(frontier(recipe + outcomes[len(trials) :]), OUT / "frontier.json")
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     provenance = {
@@ -116,7 +116,7 @@ def main(p: dict, n_draws: int) -> None:
         "commit": commit,
         "machine": numerics.machine(),
         "mkl_cbwr": numerics.ENV_PINS["MKL_CBWR"],
-        "gemm": f"OpenBLAS {numerics.openblas()['version']} ({numerics.OPENBLAS_CORE} kernels)",
+        "gemm": numerics.products(),
         "n_draws": n_draws,
         "trials": len(trials) + len(longer),
         "frontier_epochs": [p["train"]["epochs"] * f for f in FRONTIER],

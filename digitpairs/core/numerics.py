@@ -230,6 +230,11 @@ def fingerprint(device: str = "cpu") -> dict[str, str]:
     return out
 
 
+def products() -> str:
+    """The lockstep engine's product library and kernel set, as provenance files name it."""
+    return f"OpenBLAS {openblas()['version']} ({OPENBLAS_CORE} kernels)"
+
+
 def machine() -> str:
     """The machine a measurement ran on, for provenance files: architecture, usable CPUs, CPU model."""
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()

@@ -37,7 +37,7 @@ def _by_draw(frame: pd.DataFrame, column: str) -> pd.Series:
     return frame.set_index("draw")[column].sort_index()
 
 
-def _pair_over_draws(a: pd.Series, b: pd.Series) -> dict:
+def pair_over_draws(a: pd.Series, b: pd.Series) -> dict:
     """``paired`` on the draws both series hold (they are indexed by draw)."""
     common = a.index.intersection(b.index)
     if len(common) == 0:
@@ -82,10 +82,10 @@ def claims(cv: pd.DataFrame, scores: pd.DataFrame, controls: pd.DataFrame) -> di
     acc = {v: _by_draw(scores[scores["variant"] == v], "accuracy") for v in VARIANTS}
     no_aux = _by_draw(controls[controls["kind"] == "no_aux"], "test_accuracy")
     out = {
-        "sharing_digits": _pair_over_draws(acc["siamese-10"], acc["pair"]),
-        "sharing_aux": _pair_over_draws(acc["siamese-2"], acc["pair"]),
-        "aux_loss": _pair_over_draws(acc["siamese-2"], no_aux),
-        "plus": _pair_over_draws(acc[PLUS], acc["siamese-10"]),
+        "sharing_digits": pair_over_draws(acc["siamese-10"], acc["pair"]),
+        "sharing_aux": pair_over_draws(acc["siamese-2"], acc["pair"]),
+        "aux_loss": pair_over_draws(acc["siamese-2"], no_aux),
+        "plus": pair_over_draws(acc[PLUS], acc["siamese-10"]),
     }
     for v in STUDY_VARIANTS:
         out[f"batch_norm_{v}"] = switch_effect(cv, v, "batch_norm")
@@ -120,7 +120,7 @@ def ablation(table: pd.DataFrame) -> dict[str, dict]:
     for name, values in rows:
         mean, std = mean_std(values)
         out[name] = {"val_mean": mean, "val_std": std} | {
-            f"change_{k}": v for k, v in _pair_over_draws(values, base).items()
+            f"change_{k}": v for k, v in pair_over_draws(values, base).items()
         }
     add_holm({n: row for n, row in out.items() if n != ALL_ADDITIONS}, ("change_p_t", "change_p_wilcoxon"))
     out[ALL_ADDITIONS] |= {"change_p_t_holm": None, "change_p_wilcoxon_holm": None}
