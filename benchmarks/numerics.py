@@ -5,11 +5,13 @@ recipe at the largest widths, 32/256/256), run twice on each path in this proces
 each of the pipeline's job processes runs them: ``DIGITPAIRS_GEMM=mkl`` (``torch.bmm`` under
 ``MKL_CBWR=COMPATIBLE``) and the default road (:mod:`digitpairs.core.gemm`). Each path must repeat its
 own bytes; the run ends with ``portable speedup: <ratio>x`` (MKL's time over the road's, best of two
-each). It also prints the fraction of one core's float32 FMA peak reached on the largest widths (the
+each). A child process without the pins measures ``train.numerics: native`` too (PyTorch's defaults:
+MKL's and ATen's own kernels for this CPU, reproducible on this machine only), the speed the portable
+promise costs here. It also prints the fraction of one core's float32 FMA peak reached on the largest widths (the
 peak measured as a 2048^3 product on OpenBLAS's Haswell kernels, one thread) and the projected wall
 time of the original's full study on this machine (its trainings spread over every core).
 
-    python benchmarks/numerics.py --quick      # about 3 minutes on a 2-core machine
+    python benchmarks/numerics.py --quick      # about 2 minutes on a 2-core machine
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run as a script: this checkout's package and benchmarks
 
-from digitpairs.core import gemm, numerics  # noqa: E402  (first: the numeric pins before numpy loads)
+from digitpairs.core import numerics  # noqa: E402  (first: the numeric pins before numpy loads)
 from digitpairs.core import params as params_file  # noqa: E402
 from digitpairs.core.variants import PLUS  # noqa: E402
 from digitpairs.data import mnist  # noqa: E402
@@ -65,8 +67,12 @@ def trial_sets(params: dict, epochs: int, per_config: int) -> dict[str, list[Tri
 
 
 def timed_run(trials: list[Trial], pairs: Path, path: str) -> tuple[float, str]:
-    """Seconds and a hash of every outcome (final weights and scores) on one numeric path."""
-    os.environ[gemm.GEMM_ENV] = path  # read by every pool worker (spawned with this environment)
+    """Seconds and a hash of every outcome (final weights and scores) on one numeric path (``native``:
+    the unpinned default, in a process started without the pins)."""
+    if path == "native":
+        os.environ.pop(numerics.GEMM_ENV, None)
+    else:
+        os.environ[numerics.GEMM_ENV] = path
     t0 = time.perf_counter()
     outs = run_trials(trials, pairs, engine="lockstep", keep_state=True, desc=path, workers=1)
     secs = time.perf_counter() - t0
@@ -76,6 +82,27 @@ def timed_run(trials: list[Trial], pairs: Path, path: str) -> tuple[float, str]:
         for name, t in sorted(o.state.items()):
             h.update(name.encode() + t.contiguous().numpy().tobytes())
     return secs, h.hexdigest()
+
+
+def best_times(sets: dict[str, list[Trial]], pairs: Path, path: str) -> dict[str, float]:
+    """Each set's best of two runs on ``path``, which must repeat its own bytes."""
+    best = {}
+    for name, trials in sets.items():
+        (s1, h1), (s2, h2) = timed_run(trials, pairs, path), timed_run(trials, pairs, path)
+        if h1 != h2:
+            raise SystemExit(f"{path}: two runs of the {name} set gave different bytes")
+        best[name] = min(s1, s2)
+        print(f"{path:9s} {name:8s}: {len(trials)} trainings, {best[name]:6.2f} s, same bytes twice", file=sys.stderr)
+    return best
+
+
+def native_times(args: argparse.Namespace, pairs: Path) -> dict[str, float]:
+    """:func:`best_times` of ``native`` (``train.numerics: native``: no pins, torch's own MKL and ISA for
+    this CPU), in a child process, since a process's pins are set before its libraries load."""
+    cmd = [sys.executable, __file__, "--native-child", str(pairs), "--mnist", args.mnist] + ["--quick"] * args.quick
+    env = numerics.child_env("native")
+    cp = subprocess.run(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, text=True, check=True)
+    return json.loads(cp.stdout.strip().splitlines()[-1])
 
 
 def full_study(params: dict) -> list[Trial]:
@@ -111,24 +138,22 @@ def main() -> None:
     ap.add_argument("--mnist", default=os.environ.get(mnist.MIRROR_ENV, str(REPO.parent / "shared/mnist")))
     ap.add_argument("--quick", action="store_true", help="3 epochs, 6 trainings per configuration")
     ap.add_argument("--record", metavar="NOTE", help="add the run to results/timings.json, with this note")
+    ap.add_argument("--native-child", metavar="PAIRS", help=argparse.SUPPRESS)  # native_times' own child
     args = ap.parse_args()
     epochs, per_config = (3, 6) if args.quick else (10, 6)
     os.environ["TQDM_DISABLE"] = "1"
     params = params_file.load(REPO / "params.yaml")
+    sets = trial_sets(params, epochs, per_config)
+    if args.native_child:
+        print(json.dumps(best_times(sets, Path(args.native_child), "native")))
+        return
     with tempfile.TemporaryDirectory() as tmp:
         pairs = pair_draws(Path(tmp), args.mnist)
         peak = fma_peak()
         print(f"float32 FMA peak of one core: {peak / 1e9:.1f} GFLOP/s (a 2048^3 product on the Haswell kernels)")
-        sets = trial_sets(params, epochs, per_config)
-        best: dict[str, dict[str, float]] = {}
-        for path in ("mkl", "openblas"):
-            for name, trials in sets.items():
-                (s1, h1), (s2, h2) = timed_run(trials, pairs, path), timed_run(trials, pairs, path)
-                if h1 != h2:
-                    raise SystemExit(f"{path}: two runs of the {name} set gave different bytes")
-                best.setdefault(path, {})[name] = min(s1, s2)
-                print(f"{path:9s} {name:8s}: {len(trials)} trainings, {min(s1, s2):6.2f} s, same bytes twice")
-    os.environ.pop(gemm.GEMM_ENV)
+        best = {path: best_times(sets, pairs, path) for path in ("mkl", "openblas")}
+        best["native"] = native_times(args, pairs)
+    os.environ.pop(numerics.GEMM_ENV)
     s = summary(sets, best, peak, params, epochs)
     report(s)
     if args.record is not None:
@@ -145,12 +170,12 @@ def summary(sets: dict[str, list[Trial]], best: dict, peak: float, params: dict,
             name: {
                 "label": f"{labels[name]} ({epochs} epochs)",
                 "trainings": len(trials),
-                "mkl_s": round(best["mkl"][name], 2),
-                "openblas_s": round(best["openblas"][name], 2),
+                **{f"{path}_s": round(best[path][name], 2) for path in best},
             }
             for name, trials in sets.items()
         },
         "portable_speedup": round(sum(best["mkl"].values()) / sum(best["openblas"].values()), 2),
+        "native_speedup": round(sum(best["mkl"].values()) / sum(best["native"].values()), 2),
         "fma_peak_gflops": round(peak / 1e9, 1),
         "largest_fraction_of_fma_peak": {p: round(largest / best[p]["largest"] / peak, 2) for p in best},
         "full_study_trainings": len(study_trials),
@@ -159,12 +184,12 @@ def summary(sets: dict[str, list[Trial]], best: dict, peak: float, params: dict,
 
 
 def report(s: dict) -> None:
-    print("| set | trainings | MKL_CBWR=COMPATIBLE, s | OpenBLAS Haswell, s | ratio |")
-    print("| --- | --- | --- | --- | --- |")
+    print("| set | trainings | MKL_CBWR=COMPATIBLE, s | OpenBLAS Haswell, s | ratio | native (no pins), s | ratio |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
     for r in s["sets"].values():
         print(
             f"| {r['label']} | {r['trainings']} | {r['mkl_s']:.2f} | {r['openblas_s']:.2f} | "
-            f"{r['mkl_s'] / r['openblas_s']:.2f}x |"
+            f"{r['mkl_s'] / r['openblas_s']:.2f}x | {r['native_s']:.2f} | {r['mkl_s'] / r['native_s']:.2f}x |"
         )
     for path, fraction in s["largest_fraction_of_fma_peak"].items():
         print(f"{path}: largest widths at {fraction:.0%} of one core's FMA peak")
@@ -172,6 +197,7 @@ def report(s: dict) -> None:
         f"projected full study here ({s['full_study_trainings']} trainings of 25 epochs, portable road, "
         f"{cpu_count()} cores): {s['full_study_projected_h']:.1f} h"
     )
+    print(f"native speedup (train.numerics: native, no pins, this machine only): {s['native_speedup']:.2f}x")
     print(f"portable speedup: {s['portable_speedup']:.2f}x")
 
 

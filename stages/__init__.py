@@ -36,6 +36,7 @@ def undefer() -> None:
 
 
 import digitpairs  # noqa: E402
+from digitpairs.core import numerics, params  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -44,3 +45,7 @@ if Path(digitpairs.__file__).resolve().parents[1] != ROOT:
         f"error: the stages in {ROOT} imported digitpairs from {Path(digitpairs.__file__).parent}; "
         f"run them from {ROOT} as `python -m stages.<name>` (as dvc.yaml does)."
     )
+
+# train.numerics, before any library that computes loads: this stage, its pool workers and its Ray tasks
+# compute under the pins (portable) or without them (native), as params.yaml and with it dvc.lock say
+numerics.use(params.numerics_mode(ROOT / "params.yaml"))

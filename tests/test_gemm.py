@@ -68,8 +68,8 @@ def test_same_bytes_on_repeat_for_each_thread_count():
 
 def test_mkl_switch(monkeypatch):
     a, b = operands((2, 30, 20), (2, 20, 10))
-    monkeypatch.setenv(gemm.GEMM_ENV, "mkl")
+    monkeypatch.setenv(numerics.GEMM_ENV, "mkl")
     assert torch.equal(gemm.bmm(a, b), torch.bmm(a, b))
-    monkeypatch.setenv(gemm.GEMM_ENV, "cublas")
+    monkeypatch.setenv(numerics.GEMM_ENV, "cublas")
     with pytest.raises(ValueError, match="DIGITPAIRS_GEMM='cublas' is not one of"):
         gemm.bmm(a, b)

@@ -57,6 +57,7 @@ def edited(section: str, key: str, value) -> dict:
         ("cv", "lr", [float("nan")], r"cv.lr\[0\] must be a finite number"),
         ("cv", "nbfch", [10**6], r"cv.nbfch\[0\] must be between 1 and 4096"),
         ("train", "device", "auto", "train.device must be one of cpu, cuda"),
+        ("train", "numerics", "fast", "train.numerics must be one of portable, native"),
         ("train", "batch_size", 999, "train.batch_size=999 leaves a mini-batch of 1 pair"),
         ("train", "batch_size", 1, "train.batch_size=1 leaves a mini-batch of 1 pair"),
         ("recipe", "n_draws", 11, "recipe.n_draws=11 exceeds data.n_draws=10"),

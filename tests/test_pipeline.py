@@ -4,6 +4,7 @@ pipeline: conftest's ``tiny_built``, copied as ``tiny_repo`` where a test change
 from __future__ import annotations
 
 import json
+import sys
 
 from digitpairs.report.findings import CLAIMS as FINDINGS
 
@@ -11,7 +12,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from tests.e2e import build_log, build_status, dvc, ran, set_params
+from tests.e2e import build_log, build_status, dvc, ran, set_params, sh
 
 pytestmark = pytest.mark.slow
 
@@ -86,6 +87,27 @@ def test_editing_a_train_value_reruns_only_what_it_invalidates(tiny_repo):
     assert "models_out/test_accuracy.json" in dvc(repo, "metrics", "diff", "--all").stdout
     detail = dvc(repo, "metrics", "diff", "--all", "--targets", "models_out/metrics.json").stdout
     assert "models_out/metrics.json" in detail and "accuracy_std" in detail
+
+
+def test_native_numerics_rerun_the_computing_stages_without_the_pins(tiny_repo):
+    """train.numerics: native reruns every stage that computes, in processes without the pins (from a
+    shell that holds them: this test's), on keys of their own: no portable checkpoint is reused."""
+    repo = tiny_repo
+    set_params(repo, {"train": {"numerics": "native"}})
+    changed = set(json.loads(dvc(repo, "status", "--json").stdout))
+    computing = {"cv@pair", "cv@siamese", "loss_weights", "grad_norms", "recipe", "controls", "train", "evaluate"}
+    assert computing <= changed and not changed & {"mnist", "pairs", "findings", "figures"}, changed
+    assert "train.numerics" in dvc(repo, "params", "diff").stdout
+    probe = (
+        "import stages, json, os; "
+        "from digitpairs.core import numerics as n; print(json.dumps([dict(os.environ), n.backend()]))"
+    )
+    seen, products = json.loads(sh(repo, sys.executable, "-c", probe).stdout)
+    assert seen["DIGITPAIRS_UNPINNED"] == "1" and products == "mkl"
+    assert not {"MKL_CBWR", "ATEN_CPU_CAPABILITY", "OPENBLAS_CORETYPE"} & set(seen)
+    assert (repo / "data/checkpoints/cv-pair.jsonl").stat().st_size  # the portable run's trials
+    cp = dvc(repo, "repro", "cv@pair")
+    assert "cv@pair" in ran(cp.stdout) and "cv@pair: resumed 0 of" in cp.stderr, cp.stdout + cp.stderr
 
 
 def test_bad_param_stops_before_work_and_keeps_outputs(tiny_repo):

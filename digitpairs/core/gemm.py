@@ -23,26 +23,17 @@ On the machine these results were built on, these kernels run the study's produc
 times as fast as MKL's SSE2 branch, which ``MKL_CBWR=COMPATIBLE`` imposes on every MKL GEMM for the
 same portability (``benchmarks/numerics.py``). ``DIGITPAIRS_GEMM=mkl`` sends the products back to
 ``torch.bmm`` under that pin, for measuring the difference; it changes the checkpoint keys
-(:func:`digitpairs.core.numerics.fingerprint`). CUDA tensors always use torch.
+(:func:`digitpairs.core.numerics.fingerprint`). Unpinned (``train.numerics: native``) the products are
+``torch.bmm``'s, MKL's own fastest path for the CPU (:func:`digitpairs.core.numerics.backend` decides).
+CUDA tensors always use torch.
 """
 
 from __future__ import annotations
 
-import os
+from digitpairs.core.numerics import backend
 
 import numpy as np
 import torch
-
-GEMM_ENV = "DIGITPAIRS_GEMM"
-BACKENDS = ("openblas", "mkl")
-
-
-def backend() -> str:
-    """``openblas`` (the default) or ``mkl`` (``DIGITPAIRS_GEMM=mkl``: torch.bmm under MKL's pin)."""
-    name = os.environ.get(GEMM_ENV, "openblas") or "openblas"
-    if name not in BACKENDS:
-        raise ValueError(f"{GEMM_ENV}={name!r} is not one of {BACKENDS}; unset it for the default (openblas).")
-    return name
 
 
 def _blasable(t: torch.Tensor) -> bool:

@@ -42,8 +42,10 @@ Torch threads are pinned separately (``runner.THREADS_PER_JOB``). The environmen
 set before numpy loads and torch runs its first operation, so importing :mod:`digitpairs` sets them
 (:func:`pin`; the project's imports put it first) and :func:`check` refuses a process where either
 came too early.
-``DIGITPAIRS_UNPINNED=1`` turns the pins off, for measuring what they cost or showing what they fix;
-it changes :func:`fingerprint`, so checkpoints never mix pinned and unpinned trials.
+``train.numerics: native`` in params.yaml turns the pins off for the stages (:func:`use`): each CPU's
+own fastest paths, reproducible on the same machine and libraries only. Outside the stages (benchmarks,
+tests) ``DIGITPAIRS_UNPINNED=1`` does the same. Either changes :func:`fingerprint`, so checkpoints never
+mix pinned and unpinned trials.
 """
 
 from __future__ import annotations
@@ -72,6 +74,11 @@ OPENBLAS_CORE = OPENBLAS_PINS["OPENBLAS_CORETYPE"]
 PIN_VARS = (*ENV_PINS, *OPENBLAS_PINS)  # every variable the pins set (a fresh shell has none of them)
 UNPINNED_ENV = "DIGITPAIRS_UNPINNED"
 EXPECTED_CAPABILITY = "AVX2"
+# train.numerics: the pins (the same bytes on every x86-64 CPU with AVX2 and FMA), or none of them
+MODES = ("portable", "native")
+# the lockstep engine's products (digitpairs.core.gemm): numpy's OpenBLAS, or torch.bmm (MKL)
+GEMM_ENV = "DIGITPAIRS_GEMM"
+BACKENDS = ("openblas", "mkl")
 
 
 def pinned() -> bool:
@@ -91,6 +98,16 @@ def avx2_fma() -> bool:
     except OSError:
         return False
     return {"avx2", "fma"} <= set(flags)
+
+
+def backend() -> str:
+    """The lockstep engine's products: ``openblas`` (the default when pinned) or ``mkl``, ``torch.bmm``:
+    under MKL's pin with ``DIGITPAIRS_GEMM=mkl``, and the default unpinned (MKL's own kernels for this CPU)."""
+    default = "openblas" if pinned() else "mkl"
+    name = os.environ.get(GEMM_ENV, default) or default
+    if name not in BACKENDS:
+        raise ValueError(f"{GEMM_ENV}={name!r} is not one of {BACKENDS}; unset it for the default ({default}).")
+    return name
 
 
 def env() -> dict[str, str]:
@@ -113,6 +130,36 @@ def pin() -> None:
         _configure(sys.modules["torch"])
     elif not any(isinstance(f, _TorchImport) for f in sys.meta_path):
         sys.meta_path.insert(0, _TorchImport())
+
+
+def use(mode: str) -> None:
+    """Compute this process and its children in ``mode`` (``train.numerics``): ``portable``, the pins, or
+    ``native``, none of them (PyTorch's and MKL's own choices for this CPU). The stages call it before
+    numpy loads and torch computes, whatever ``DIGITPAIRS_UNPINNED`` the shell holds: dvc.lock records
+    the param, so the param decides. A process that already loaded either library in the other mode is
+    refused, since neither can switch its kernels afterwards."""
+    if mode not in MODES:
+        raise ValueError(f"train.numerics must be one of {', '.join(MODES)}; got {mode!r}.")
+    if (mode == MODES[0]) == pinned():
+        return
+    loaded = [m for m in ("numpy", "torch") if m in sys.modules]
+    if loaded:
+        raise RuntimeError(
+            f"train.numerics: {mode} must be chosen before {' and '.join(loaded)} loads; call "
+            "digitpairs.core.numerics.use first thing (as stages/__init__.py does)."
+        )
+    for var in PIN_VARS:  # pin() set them; native leaves each library its own default
+        os.environ.pop(var, None)
+    os.environ[UNPINNED_ENV] = "1" if mode == "native" else "0"
+    pin()
+
+
+def child_env(mode: str, base: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment for a child process that computes in ``mode``: ``base`` (this process's) without
+    the pins' variables, which the child sets again on importing digitpairs unless ``native``."""
+    drop = {UNPINNED_ENV, *PIN_VARS}
+    env = {k: v for k, v in (os.environ if base is None else base).items() if k not in drop}
+    return env | ({UNPINNED_ENV: "1"} if mode == "native" else {})
 
 
 def _configure(torch: ModuleType) -> None:
@@ -208,8 +255,6 @@ def fingerprint(device: str = "cpu") -> dict[str, str]:
         for line in torch.__config__.show().splitlines()
         if "Math Kernel Library" in line or "MKL-DNN" in line
     ]
-    from digitpairs.core.gemm import backend
-
     import numpy
 
     out = {
@@ -232,7 +277,9 @@ def fingerprint(device: str = "cpu") -> dict[str, str]:
 
 def products() -> str:
     """The lockstep engine's product library and kernel set, as provenance files name it."""
-    return f"OpenBLAS {openblas()['version']} ({OPENBLAS_CORE} kernels)"
+    if backend() == "mkl":
+        return f"torch.bmm (MKL, {'MKL_CBWR=' + ENV_PINS['MKL_CBWR'] if pinned() else 'unpinned'})"
+    return f"OpenBLAS {openblas()['version']} ({openblas()['architecture']} kernels)"
 
 
 def machine() -> str:

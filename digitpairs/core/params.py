@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from digitpairs.core.numerics import MODES as NUMERICS
 from digitpairs.core.variants import STUDY_VARIANTS, VARIANTS
 
 GRID_KEYS = ("nbch1", "nbch2", "nbfch", "batch_norm", "skip_connections", "lr")
@@ -170,6 +171,7 @@ SCHEMA: dict[str, dict[str, Check]] = {
         "relu_logits": _bool,
         "engine": ENGINE,
         "device": check_device,
+        "numerics": _choice(*NUMERICS),
         "executor": EXECUTOR,
     },
     "cv": {
@@ -320,6 +322,17 @@ def load(path: Path = Path("params.yaml")) -> dict:
     if not path.is_file():
         raise ParamError(f"{path} not found; run the stages from the repository root.")
     return validate(_plain(parse(path.read_text(), path)))
+
+
+def numerics_mode(path: Path = Path("params.yaml")) -> str:
+    """``train.numerics`` of ``path``, read before numpy and torch load (stages/__init__.py): only this
+    key, unchecked otherwise. Where the file or the key is unusable it is the default, ``portable``, and
+    the stage's own :func:`load` then names the problem."""
+    try:
+        mode = _plain(parse(Path(path).read_text(), path))["train"]["numerics"]
+    except (OSError, ParamError, KeyError, TypeError):
+        return NUMERICS[0]
+    return mode if mode in NUMERICS else NUMERICS[0]
 
 
 def _plain(obj: Any) -> Any:
