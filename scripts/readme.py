@@ -337,16 +337,18 @@ def measured_on(m: dict) -> str:
 
 
 def other_runs(c: dict) -> str:
-    """``, and 898 s on `8d9204a` (...)``: other cold runs of the same training code, if any were recorded."""
-    runs = c.get("other_runs_s", {})
-    listed = ", ".join(f"{secs} s on `{commit}`" for commit, secs in runs.items())
-    return f", and {listed} (the same training code, the same machine)" if runs else ""
+    """``, and 709 s on `658ba66` (x86_64, 2 CPUs, AMD EPYC)``: other recorded cold runs, each with the
+    commit and machine it ran on (code with the same outputs)."""
+    runs = [f"{r['wall_s']} s on `{r['commit']}` ({r['machine']})" for r in c.get("other_runs", [])]
+    if not runs:
+        return ""
+    return f", and {', '.join(runs[:-1]) + ' and ' if len(runs) > 1 else ''}{runs[-1]}, all with the same outputs"
 
 
 def repro_time_block() -> str:
     """The quick start's one number: how long the pipeline takes (the range of the recorded cold runs)."""
     c = timings()["cold_repro"]
-    minutes = sorted(round(s / 60) for s in [c["wall_s"], *c.get("other_runs_s", {}).values()])
+    minutes = sorted(round(s / 60) for s in [c["wall_s"], *(r["wall_s"] for r in c.get("other_runs", []))])
     span = f"{minutes[0]} to {minutes[-1]}" if minutes[0] != minutes[-1] else f"about {minutes[0]}"
     return (
         f"The pipeline takes {span} minutes: `{c['command']}` of the default params took {c['wall_s']} s "
