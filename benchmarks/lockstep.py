@@ -142,7 +142,7 @@ def measure(engine: str, sets: dict[str, list[Trial]], pairs: Path, batch: int) 
 def unpinned_loop(args: argparse.Namespace) -> dict:
     """The per-model loop as a user would run it without this project: a child process with none of the
     numeric pins (PyTorch's defaults: the CPU's own ISA, oneDNN and MKL's fastest paths)."""
-    env = {k: v for k, v in os.environ.items() if k not in numerics.PIN_VARS} | {numerics.UNPINNED_ENV: "1"}
+    env = numerics.child_env("native")
     cmd = [sys.executable, "-m", "benchmarks.lockstep", "--engine", "loop", "--mnist", args.mnist]
     cmd += ["--batch", str(args.batch)]
     cmd += ["--quick"] * args.quick + ["--epochs", str(args.epochs)] * bool(args.epochs)
