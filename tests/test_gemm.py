@@ -73,3 +73,14 @@ def test_mkl_switch(monkeypatch):
     monkeypatch.setenv(numerics.GEMM_ENV, "cublas")
     with pytest.raises(ValueError, match="DIGITPAIRS_GEMM='cublas' is not one of"):
         gemm.bmm(a, b)
+
+
+def test_a_numerics_mode_is_chosen_before_the_libraries_load():
+    numerics.use("portable")  # this process's own mode: nothing to do
+    with pytest.raises(RuntimeError, match="train.numerics: native must be chosen before numpy and torch loads"):
+        numerics.use("native")
+    with pytest.raises(ValueError, match="train.numerics must be one of portable, native; got 'fast'"):
+        numerics.use("fast")
+    shell = {"PATH": "/bin", "MKL_CBWR": "AVX2", numerics.UNPINNED_ENV: "1"}
+    assert numerics.child_env("native", shell) == {"PATH": "/bin", numerics.UNPINNED_ENV: "1"}
+    assert numerics.child_env("portable", shell) == {"PATH": "/bin"}  # the child pins itself

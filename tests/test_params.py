@@ -7,7 +7,16 @@ import subprocess
 import sys
 from pathlib import Path
 
-from digitpairs.core.params import GRID_KEYS, MNIST_IMAGES, ParamError, max_pairs, parse, trainings, validate
+from digitpairs.core.params import (
+    GRID_KEYS,
+    MNIST_IMAGES,
+    ParamError,
+    max_pairs,
+    numerics_mode,
+    parse,
+    trainings,
+    validate,
+)
 
 import pytest
 import yaml
@@ -323,3 +332,15 @@ def test_docs_state_the_bound_and_what_the_defaults_and_the_full_grid_cost():
     assert f"`limits.training_epochs` ({DEFAULTS['limits']['training_epochs']:,})" in text
     for p in (DEFAULTS, full_grid()):
         assert f"{sum(trainings(p).values()):,}" in text and f"{model_epochs(p):,} model-epochs" in text
+
+
+def test_numerics_mode_is_read_alone_and_falls_back_to_portable(tmp_path):
+    path = tmp_path / "params.yaml"
+    assert numerics_mode(path) == "portable"  # no file: the stage's own load says so
+    for text, mode in (
+        ("train: {numerics: native}", "native"),
+        ("train: {numerics: fast}", "portable"),
+        ("[", "portable"),
+    ):
+        path.write_text(text)
+        assert numerics_mode(path) == mode
