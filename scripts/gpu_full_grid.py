@@ -18,13 +18,13 @@ import threading
 import time
 from pathlib import Path
 
-import torch
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "scripts")]  # this checkout's package, run_stages, full_grid_report
 
-from digitpairs.core import numerics  # noqa: E402  (the numeric pins, before torch computes)
+# first: the numeric pins, before torch loads numpy (whose OpenBLAS reads its kernel choice then)
+from digitpairs.core import numerics  # noqa: E402
 from digitpairs.core.io import finite_or_null, read_cv_tables, replacing, write_json  # noqa: E402
 from digitpairs.core.variants import GRID_ARCHS, STUDY_VARIANTS, variant_score  # noqa: E402
 from digitpairs.training import study  # noqa: E402
@@ -33,6 +33,7 @@ from digitpairs.training.trials import make_trial  # noqa: E402
 
 import full_grid_report as report  # noqa: E402
 import run_stages  # noqa: E402
+import torch  # noqa: E402
 
 # The original's grid (SPEC.md, experiment 1), all ten draws, on the GPU, as `dvc exp run -S` keys.
 FULL_GRID = {"train.device": "cuda", "data.n_draws": 10, "cv.n_draws": 10, "loss_weights.n_draws": 10,
