@@ -441,6 +441,23 @@ def pins_cost_block() -> str:
     )
 
 
+def native_repro_block() -> str:
+    """What ``train.numerics: native`` gave for the whole pipeline on one machine (results/timings.json)."""
+    n = timings()["native_repro"]
+    acc = ", ".join(
+        f"{v} {100 * a['portable']:.2f}% portable, {100 * a['native']:.2f}% native"
+        for v, a in n["test_accuracy"].items()
+    )
+    return (
+        f"`train.numerics: native`, on commit `{n['commit']}` ({n['machine']}; no pins, lockstep products on "
+        f"{n['gemm']}): `{n['command']}` after a portable run reran every stage but "
+        f"`mnist` and `pairs` in {n['wall_s']} s, where a cold portable run of the whole pipeline took "
+        f"{n['portable_wall_s']} s on the same machine; {n['outputs_differing']} of its {n['outputs']} outputs "
+        "differed from the portable ones. Test "
+        f"accuracy (mean of {n['n_draws']} draws): {acc}. {n['note']}"
+    )
+
+
 def span(r: list[float]) -> str:
     return f"{r[0]:g}-{r[1]:g}"
 
@@ -500,6 +517,7 @@ BLOCKS = {
     "cold-repro": cold_repro_block,
     "benchmark": benchmark_block,
     "pins-cost": pins_cost_block,
+    "native-repro": native_repro_block,
     "numerics": numerics_block,
     "cluster-failures": cluster_failures_block,
     "cluster-cost": cluster_cost_block,
