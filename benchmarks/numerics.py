@@ -7,9 +7,9 @@ each of the pipeline's job processes runs them: ``DIGITPAIRS_GEMM=mkl`` (``torch
 own bytes; the run ends with ``portable speedup: <ratio>x`` (MKL's time over the road's, best of two
 each). A child process without the pins measures ``train.numerics: native`` too (PyTorch's defaults:
 MKL's and ATen's own kernels for this CPU, reproducible on this machine only), the speed the portable
-promise costs here. It also prints the fraction of one core's float32 FMA peak reached on the largest widths (the
-peak measured as a 2048^3 product on OpenBLAS's Haswell kernels, one thread) and the projected wall
-time of the original's full study on this machine (its trainings spread over every core).
+promise costs here. It also prints the fraction of one core's float32 FMA peak reached on the largest
+widths (the peak measured as a 2048^3 product on OpenBLAS's Haswell kernels, one thread) and the
+projected wall time of the original's full study on this machine (its trainings spread over every core).
 
     python benchmarks/numerics.py --quick      # about 2 minutes on a 2-core machine
 """

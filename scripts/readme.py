@@ -342,7 +342,8 @@ def other_runs(c: dict) -> str:
     runs = [f"{r['wall_s']} s on `{r['commit']}` ({r['machine']})" for r in c.get("other_runs", [])]
     if not runs:
         return ""
-    return f", and {', '.join(runs[:-1]) + ' and ' if len(runs) > 1 else ''}{runs[-1]}, all with the same outputs"
+    listed = runs[0] if len(runs) == 1 else f"{', '.join(runs[:-1])} and {runs[-1]}"
+    return f", and {listed}, all with the same outputs"
 
 
 def repro_time_block() -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import os
 import re
 import shutil
@@ -222,3 +223,11 @@ def edited_text(text: str, key: str, value: str) -> str:
     params = parse(text)
     params[section][name] = "BAD_VALUE_HERE"
     return yaml.safe_dump(params, sort_keys=False).replace("BAD_VALUE_HERE", value)
+
+
+def gpu_script_module():
+    """scripts/gpu_full_grid.py loaded as a module (a script, not a package member), for its constants."""
+    spec = importlib.util.spec_from_file_location("gpu_full_grid", REPO / "scripts/gpu_full_grid.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -2,7 +2,6 @@
 tests/e2e.py: a first run that its budget stops, a second that resumes from the first's checkpoint archive
 on a fresh copy (a machine that kept nothing) and writes the bytes `dvc repro` writes, then `publish`."""
 
-import importlib.util
 import json
 import re
 import sys
@@ -14,7 +13,7 @@ from digitpairs.core import numerics
 import pytest
 
 from tests.conftest import SHARED_MNIST
-from tests.e2e import REPO, TINY, pipeline_outputs, sh
+from tests.e2e import REPO, TINY, gpu_script_module, pipeline_outputs, sh
 
 pytestmark = [pytest.mark.slow, pytest.mark.system]
 # the tiny params as `-S KEY=VALUE` over the script's full grid (JSON is YAML), on the CPU
@@ -23,13 +22,6 @@ TINY_SETTINGS = [
     for section, values in (TINY | {"train": TINY["train"] | {"device": "cpu"}}).items()
     for key, value in values.items()
 ]
-
-
-def script_module():
-    spec = importlib.util.spec_from_file_location("gpu_full_grid", REPO / "scripts/gpu_full_grid.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def gpu_script(tmp_path: Path, *args: str):
@@ -53,7 +45,7 @@ def test_stopped_by_its_budget_then_resumed_it_writes_what_dvc_repro_writes(tiny
     # a deadline 25 s after the start (the budget less the archives' reserve): past the first training
     # stage on a 2-core machine twice as slow as those measured, yet short of the whole run (43 s on a
     # 2-core Intel Xeon with AVX-512, more on a 2-core AMD EPYC)
-    budget = str(script_module().RESERVE + 25)
+    budget = str(gpu_script_module().RESERVE + 25)
     first = gpu_script(tmp_path, "run", "--root", str(tmp_path / "root1"), "--out", str(tmp_path / "out1"),
                        "--budget", budget, "--skip-check", *common)  # fmt: skip
     assert "budget reached" in first.stdout, first.stdout[-2000:]

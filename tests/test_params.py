@@ -21,7 +21,7 @@ from digitpairs.core.params import (
 import pytest
 import yaml
 
-from tests.e2e import REPO, TINY, edited_text, merged
+from tests.e2e import REPO, TINY, edited_text, gpu_script_module, merged
 
 DEFAULTS = parse((REPO / "params.yaml").read_text())
 
@@ -258,13 +258,8 @@ def model_epochs(p: dict) -> int:
 
 def full_grid() -> dict:
     """params.yaml with scripts/gpu_full_grid.py's FULL_GRID keys (on the CPU: the GPU is not the point)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("gpu_full_grid", REPO / "scripts/gpu_full_grid.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
     p = copy.deepcopy(DEFAULTS)
-    for key, value in script.FULL_GRID.items():
+    for key, value in gpu_script_module().FULL_GRID.items():
         section, name = key.split(".")
         p[section][name] = value
     p["train"]["device"] = "cpu"
