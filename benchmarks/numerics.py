@@ -106,9 +106,9 @@ def native_times(args: argparse.Namespace, pairs: Path) -> dict[str, float]:
 
 
 def full_study(params: dict) -> list[Trial]:
-    """The original's study: its grid (scripts/gpu_full_grid.py's FULL_GRID, on the CPU) on 10 draws for
+    """The original's study: its grid (scripts/full_grid.py's FULL_GRID, on the CPU) on 10 draws for
     both architectures, plus the loss-weight sweep at the grid's middle widths."""
-    spec = importlib.util.spec_from_file_location("gpu_full_grid", REPO / "scripts/gpu_full_grid.py")
+    spec = importlib.util.spec_from_file_location("full_grid", REPO / "scripts/full_grid.py")
     grid_script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(grid_script)
     p = json.loads(json.dumps(params))

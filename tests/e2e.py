@@ -226,8 +226,8 @@ def edited_text(text: str, key: str, value: str) -> str:
 
 
 def gpu_script_module():
-    """scripts/gpu_full_grid.py loaded as a module (a script, not a package member), for its constants."""
-    spec = importlib.util.spec_from_file_location("gpu_full_grid", REPO / "scripts/gpu_full_grid.py")
+    """scripts/full_grid.py loaded as a module (a script, not a package member), for its constants."""
+    spec = importlib.util.spec_from_file_location("full_grid", REPO / "scripts/full_grid.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

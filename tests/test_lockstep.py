@@ -320,3 +320,26 @@ def test_recipe_changes_training_and_splits_jobs(draws):
     assert len(group_trials(plain + shifted, 64)) == 2
     a, b = run_lockstep(plain, draws)[0], run_lockstep(shifted, draws)[0]
     assert not torch.equal(a.state["branch.conv1.weight"], b.state["branch.conv1.weight"])
+
+
+@pytest.mark.parametrize("arch", ["pair", "siamese"])
+def test_a_trials_weights_do_not_depend_on_its_job(tmp_path, mnist_splits, draws, arch):
+    """A resumed or carried-over run groups the trials it has left into other jobs than an uninterrupted
+    run: a trial trained alone, in a job of 4 and in a job of 32 (the CPU's chunks split that one) must
+    give the same bytes, so its records' weights digest is one whatever the grouping."""
+    widths = dict(nbch1=32, nbch2=32, nbfch=256, batch_norm=True, skip_connections=True)
+    variants = ["pair"] if arch == "pair" else ["siamese-2", "siamese-10"]
+    lrs = [0.001, 0.01, 0.1, 0.25]
+    job = [make_trial(variants[i % len(variants)], widths, TrainConfig(epochs=1, lr=lrs[i % 4]), i % 2, 1 + i // 8)
+           for i in range(32)]  # fmt: skip
+    write_draws(mnist_splits, tmp_path, n_draws=2, seed=1)
+    alone = run_trials(job[5:6], tmp_path, engine="lockstep", workers=1)
+    in_4 = run_trials(job[2:6], tmp_path, engine="lockstep", workers=1)
+    in_32 = run_lockstep(job, draws)
+    assert len(lockstep.group_trials(job, 64)) == 1 and len(in_32) == 32
+    assert alone[0].weights == in_4[3].weights
+    assert len(alone[0].weights) == 64 and alone[0].weights != in_4[2].weights
+    from digitpairs.training.models import weights_digest
+
+    assert weights_digest(in_32[5].state) == alone[0].weights and alone[0].state is None
+    assert in_32[5].scores == alone[0].scores == in_4[3].scores

@@ -257,7 +257,7 @@ def model_epochs(p: dict) -> int:
 
 
 def full_grid() -> dict:
-    """params.yaml with scripts/gpu_full_grid.py's FULL_GRID keys (on the CPU: the GPU is not the point)."""
+    """params.yaml with scripts/full_grid.py's FULL_GRID keys (on the CPU: the GPU is not the point)."""
     p = copy.deepcopy(DEFAULTS)
     for key, value in gpu_script_module().FULL_GRID.items():
         section, name = key.split(".")

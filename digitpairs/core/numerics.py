@@ -282,6 +282,24 @@ def products() -> str:
     return f"OpenBLAS {openblas()['version']} ({openblas()['architecture']} kernels)"
 
 
+def cpu() -> dict[str, object]:
+    """This CPU as a results file records it (Linux's ``/proc/cpuinfo``): vendor, model, family and model
+    numbers, AVX-512 or not. Two machines with equal records run the same kernels under the pins."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            info = dict(ln.split(":", 1) for ln in f.read().split("\n\n")[0].splitlines() if ":" in ln)
+    except OSError:
+        info = {}
+    info = {k.strip(): v.strip() for k, v in info.items()}
+    return {
+        "vendor": info.get("vendor_id", platform.processor() or "unknown"),
+        "model": info.get("model name", "unknown"),
+        "family_model": f"{info.get('cpu family', '?')}/{info.get('model', '?')}",
+        "avx512": "avx512f" in info.get("flags", "").split(),
+        "cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+    }
+
+
 def machine() -> str:
     """The machine a measurement ran on, for provenance files: architecture, usable CPUs, CPU model."""
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()

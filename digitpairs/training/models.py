@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from dataclasses import asdict, dataclass
@@ -12,7 +13,7 @@ from digitpairs.core.io import StageError
 import torch
 import torch.nn.functional as F
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save, save_file
 from torch import nn
 
 ARCHS = ("pair", "siamese")
@@ -131,6 +132,13 @@ def build_model(cfg: ModelConfig, g: torch.Generator) -> nn.Module:
 def weight_names(model: nn.Module) -> list[str]:
     """Names of the weight tensors (convolutions and linear layers, no biases), in depth order."""
     return [n for n, p in model.named_parameters() if n.endswith("weight") and p.dim() > 1]
+
+
+def weights_digest(state: dict[str, torch.Tensor]) -> str:
+    """sha256 of a trained state as :func:`save_model` writes it (safetensors bytes): equal digests mean
+    bit-identical training, which rounded scores cannot show; ``sha256sum`` of a saved model file gives
+    the same hex string."""
+    return hashlib.sha256(save({k: v.detach().cpu().contiguous() for k, v in state.items()})).hexdigest()
 
 
 def save_model(model: nn.Module, cfg: ModelConfig, stem: Path) -> None:

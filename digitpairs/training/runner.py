@@ -23,6 +23,7 @@ from digitpairs.core import numerics
 from digitpairs.core.io import StageError, replacing
 from digitpairs.core.params import ENGINES, EXECUTORS
 from digitpairs.data.pairs import Draw, draw_path, existing_draw, load_draw
+from digitpairs.training.models import weights_digest
 from digitpairs.training.trials import Outcome, Trial, run_trial
 
 import torch
@@ -111,8 +112,9 @@ def run_job(
         outs = run_lockstep(job, draws, device=device, record_grad_norms=record_grad_norms)
     else:
         outs = [run_trial(t, draws[t.draw], device, record_grad_norms) for t in job]
-    if not keep_state:
-        for o in outs:
+    for o in outs:
+        o.weights = weights_digest(o.state)
+        if not keep_state:
             o.state = None
     return outs
 
@@ -240,14 +242,21 @@ class Checkpoint:
     def add(self, row: dict) -> None:
         """Record one finished trial durably (one write, flushed and fsynced before returning). Signals
         wait until the line is written and counted, so an interrupt reports exactly what the file holds."""
+        self.extend([row])
+
+    def extend(self, rows: list[dict]) -> None:
+        """Record finished trials durably in one write (:meth:`add`'s guarantees), such as trials another
+        machine computed (scripts/full_grid.py)."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM, signal.SIGHUP})
         try:
             with open(self.path, "a") as f:
-                f.write(json.dumps({"row": row, "sha": _sha(row)}, sort_keys=True, allow_nan=False) + "\n")
+                f.writelines(
+                    json.dumps({"row": r, "sha": _sha(r)}, sort_keys=True, allow_nan=False) + "\n" for r in rows
+                )
                 f.flush()
                 os.fsync(f.fileno())
-            self.done[row["key"]] = row
+            self.done.update((r["key"], r) for r in rows)
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, held)
 
@@ -257,8 +266,8 @@ def _sha(row: dict) -> str:
 
 
 def outcome_row(o: Outcome, key: str) -> dict:
-    """A flat record of one outcome's identity and scores (what a checkpoint keeps)."""
-    return {"key": key, "trial": asdict(o.trial), "scores": o.scores}
+    """A flat record of one outcome's identity, scores and weights digest (what a checkpoint keeps)."""
+    return {"key": key, "trial": asdict(o.trial), "scores": o.scores, "weights": o.weights}
 
 
 def run_trials(
@@ -297,7 +306,8 @@ def run_trials(
     todo = []
     for t in trials:
         if ckpt and ckey(t) in ckpt.done:
-            by_key[t.key()] = Outcome(t, ckpt.done[ckey(t)]["scores"])
+            row = ckpt.done[ckey(t)]
+            by_key[t.key()] = Outcome(t, row["scores"], weights=row.get("weights"))
         else:
             todo.append(t)
     todo = list({t.key(): t for t in todo}.values())  # identical trials train once

@@ -65,6 +65,7 @@ class Outcome:
     scores: dict[str, dict[str, float]]  # per split ("val", "test"): evaluate()'s accuracies
     result: TrainResult | None = None  # epoch losses, gradient norms
     state: dict[str, torch.Tensor] | None = None  # final state_dict on the CPU
+    weights: str | None = None  # models.weights_digest(state), kept when the state is not
 
     def model(self) -> nn.Module:
         """The trained model, rebuilt from ``state``."""

@@ -1,0 +1,496 @@
+"""The original's study at full scale (SPEC: 1280 combinations x 10 draws x 3 variants, then the sweep,
+the gradient norms and the final training on ten draws) through the pipeline's own stages, on a CPU or a
+GPU, in pieces that any machine can carry on (docs/full-grid.md).
+
+    python scripts/full_grid.py run --mnist MNIST_DIR [--budget 3600] [--device cpu|cuda] [--commit]
+    python scripts/full_grid.py status          # another shell: trials done, trainings/s, time left
+    python scripts/full_grid.py publish OUT     # results/full-grid/ from the records and a finished run
+
+A piece copies the stages of the run's one commit (``git archive``; ``records/run.json`` names it, set
+by the first piece) to ``--root`` with FULL_GRID's params, as ``dvc exp run -S`` would set them, puts
+back the trials of ``--records`` as checkpoints, and runs the stages with ``scripts/run_stages.py`` at
+low priority under a time budget. What finishes is written to ``--records`` as append-only parts
+(gzip-compressed JSON lines, one trial each with its weights digest); ``--commit`` commits each part.
+On a CPU unlike every one that computed the carried trials, a sample of them is trained again first
+and must give the same weights digests.
+"""
+
+import argparse
+import gzip
+import hashlib
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+# the package: this checkout's, or (audit, equivalence: the child processes run in --root) the run's commit's
+CODE = Path(os.environ.get("FULL_GRID_CODE", REPO))
+sys.path[:0] = [str(CODE), str(REPO / "scripts")]
+
+# first: the numeric pins, before torch loads numpy (whose OpenBLAS reads its kernel choice then)
+from digitpairs.core import numerics  # noqa: E402
+from digitpairs.core.io import finite_or_null, read_cv_tables, replacing, write_json  # noqa: E402
+from digitpairs.core.variants import GRID_ARCHS, STUDY_VARIANTS, variant_score, variants_of  # noqa: E402
+from digitpairs.training import study  # noqa: E402
+from digitpairs.training.models import ModelConfig  # noqa: E402
+from digitpairs.training.runner import Checkpoint, run_trials  # noqa: E402
+from digitpairs.training.train import TrainConfig  # noqa: E402
+from digitpairs.training.trials import Trial, make_trial  # noqa: E402
+
+import full_grid_report as report  # noqa: E402
+import run_stages  # noqa: E402
+
+# The original's grid (SPEC.md, experiment 1) on all ten draws, as `dvc exp run -S` keys; --device adds
+# train.device. The numerics are portable: a trial's bytes do not depend on the CPU that computes it.
+FULL_GRID = {"data.n_draws": 10, "cv.n_draws": 10, "loss_weights.n_draws": 10, "train.numerics": "portable",
+             "cv.nbch1": [8, 16, 32, 64], "cv.nbch2": [8, 16, 32, 64], "cv.nbfch": [64, 128, 256, 512],
+             "cv.lr": [0.001, 0.01, 0.1, 0.25, 1.0]}  # fmt: skip
+RECORDS = REPO / "results/full-grid/records"
+NOT_KEPT = ("data/mnist", "data/pairs", "models_out/models")  # inputs, or too large for OUT
+RESERVE = 30  # seconds of the budget kept for the records and archives
+AUDIT_SAMPLE = 24  # carried trials trained again on a CPU unlike those that computed them
+T0, LOG, OUT = time.perf_counter(), [], Path(".")
+
+
+def log(msg: str) -> None:
+    LOG.append(f"[{time.perf_counter() - T0:6.1f}s] {msg}")
+    print(LOG[-1], flush=True)
+    (OUT / "log.txt").write_text("\n".join(LOG) + "\n")
+
+
+def pack(base: Path, names: list[str], dest: Path) -> None:
+    """The files and folders ``names`` of ``base`` as a .tar.gz, written then renamed: never torn."""
+    with replacing(dest) as tmp, tarfile.open(tmp, "w:gz") as tar:
+        for name in (n for n in names if (base / n).exists()):
+            tar.add(base / name, arcname=name)
+
+
+# --- the records: what finished, carried between machines in the repository ---------------------------
+
+
+def carried(records: Path) -> dict[str, dict]:
+    """Every trial of the records' parts, by checkpoint key: ``{"checkpoint": file stem, "row": row}``."""
+    out = {}
+    for part in sorted(records.glob("part-*.jsonl.gz")):
+        for line in gzip.decompress(part.read_bytes()).decode().splitlines():
+            rec = json.loads(line)
+            out[rec["row"]["key"]] = rec
+    return out
+
+
+def checkpointed(ckpts: Path) -> dict[str, dict]:
+    """Every trial the stages checkpointed in ``ckpts``, in :func:`carried`'s form."""
+    return {k: {"checkpoint": f.stem, "row": row} for f in sorted(ckpts.glob("*.jsonl")) for k, row in
+            Checkpoint(f).done.items()}  # fmt: skip
+
+
+def export(ckpts: Path, records: Path) -> tuple[Path | None, int]:
+    """The trials of ``ckpts`` that no part holds yet, as a new part named by its content (two machines
+    never write the same name); with the number of trials it holds. Parts are only ever added."""
+    held = carried(records)
+    new = [rec for key, rec in sorted(checkpointed(ckpts).items()) if key not in held and rec["row"].get("weights")]
+    if not new:
+        return None, 0
+    data = gzip.compress("".join(json.dumps(r, sort_keys=True) + "\n" for r in new).encode(), mtime=0)
+    part = records / f"part-{hashlib.sha256(data).hexdigest()[:16]}.jsonl.gz"
+    with replacing(part) as tmp:
+        tmp.write_bytes(data)
+    return part, len(new)
+
+
+def restore(records: Path, ckpts: Path) -> int:
+    """The carried trials as the stages' checkpoints in ``ckpts`` (those not there yet): they resume."""
+    by_file: dict[str, list[dict]] = {}
+    for rec in carried(records).values():
+        by_file.setdefault(rec["checkpoint"], []).append(rec["row"])
+    n = 0
+    for stem, rows in by_file.items():
+        ckpt = Checkpoint(ckpts / f"{stem}.jsonl")
+        new = [r for r in rows if r["key"] not in ckpt.done]
+        ckpt.extend(new)
+        n += len(new)
+    return n
+
+
+def git(*args: str) -> str:
+    return subprocess.run(["git", "-C", str(REPO), *args], check=True, capture_output=True, text=True).stdout.strip()
+
+
+def commit_records(records: Path, message: str) -> None:
+    """Commit ``records`` alone (other staged or changed files stay as they are); retried while another git
+    command holds the index."""
+    for attempt in range(10):
+        try:
+            git("add", "--", str(records))
+            git("commit", "-q", "-m", message, "--", str(records))
+            return
+        except subprocess.CalledProcessError as err:
+            if "index.lock" not in err.stderr or attempt == 9:
+                log(f"warning: could not commit {records}: {err.stderr.strip()}; commit it by hand")
+                return
+            time.sleep(3)
+
+
+# --- a piece: the run's commit's stages, with the run's params ------------------------------------------
+
+
+def run_state(args: argparse.Namespace) -> dict:
+    """``records/run.json``: the commit the whole run computes with and its settings, fixed by the first
+    piece; a later piece with other settings is refused (its trials would be another study's)."""
+    path = Path(args.records) / "run.json"
+    settings = FULL_GRID | {"train.device": args.device} | {k: yaml.safe_load(v) for k, v in
+                                                            (s.split("=", 1) for s in args.set)}  # fmt: skip
+    if path.exists():
+        state = json.loads(path.read_text())
+        if state["settings"] != settings:
+            changed = sorted(k for k in settings.keys() | state["settings"].keys()
+                             if settings.get(k) != state["settings"].get(k))  # fmt: skip
+            raise SystemExit(f"error: {path} is a run with other settings ({', '.join(changed)}); give the same "
+                             "--device and -S, or --records DIR for a new run")  # fmt: skip
+        return state
+    state = {"commit": args.code or git("rev-parse", "HEAD"), "settings": settings}
+    write_json(state, path)
+    return state
+
+
+def prepare(root: Path, commit: str, settings: dict) -> dict:
+    """``root``: the commit's stages, package and dvc.yaml, and its params.yaml with ``settings``."""
+    run_stages.bring_dvc()  # before any stage: a machine without DVC's packages stops here, saying why
+    names = ["stages", "digitpairs", "dvc.yaml", "params.yaml"]
+    archive = subprocess.run(["git", "-C", str(REPO), "archive", commit, *names], capture_output=True)
+    if archive.returncode:
+        why = archive.stderr.decode().strip()
+        raise SystemExit(f"error: this checkout cannot give commit {commit}'s code ({why}); the run computes "
+                         "with that commit only: run from a clone that holds it (`git fetch`)")  # fmt: skip
+    root.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        shutil.rmtree(root / name, ignore_errors=True) if (root / name).is_dir() else (root / name).unlink(True)
+    with tempfile.TemporaryFile() as f:
+        f.write(archive.stdout)
+        f.seek(0)
+        with tarfile.open(fileobj=f) as tar:
+            tar.extractall(root, filter="data")
+    p = yaml.safe_load((root / "params.yaml").read_text())
+    for key, value in settings.items():
+        p[key.split(".")[0]][key.split(".")[1]] = value
+    (root / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
+    return p
+
+
+def in_root(root: Path, *args: str) -> subprocess.CompletedProcess:
+    """This script's ``args`` in a child process that computes with ``root``'s package (the run's commit)."""
+    env = numerics.child_env("portable") | {"FULL_GRID_CODE": str(root)}
+    return subprocess.run([sys.executable, __file__, *args], cwd=root, env=env, capture_output=True, text=True)
+
+
+def totals(p: dict) -> dict[str, int]:
+    """The cross-validation trainings of each checkpoint file (the grid: 38,400 in all)."""
+    return {f"cv-{a}": len(study.grid(p["cv"])) * p["cv"]["n_draws"] * len(variants_of(a)) for a in GRID_ARCHS}
+
+
+def progress(ckpts: Path, p: dict, start: dict[str, int], seconds: float) -> dict:
+    """Trials done per checkpoint file (of its total, for the grid), this piece's trainings per second,
+    and the grid's time left at that rate."""
+    done = {f.stem: sum(1 for _ in f.open()) for f in sorted(ckpts.glob("*.jsonl"))}
+    new = sum(done.values()) - sum(start.values())
+    rate = new / seconds if seconds > 0 else 0.0
+    left = sum(max(0, n - done.get(stem, 0)) for stem, n in totals(p).items())
+    return {"done": {s: {"trials": n, "of": totals(p).get(s)} for s, n in done.items()}, "this_piece": new,
+            "trainings_per_s": round(rate, 2), "grid_left": left,
+            "grid_left_h": round(left / rate / 3600, 1) if rate else None,
+            "updated": time.strftime("%Y-%m-%d %H:%M:%S %Z")}  # fmt: skip
+
+
+def progress_line(q: dict) -> str:
+    parts = [f"{s} {d['trials']:,}" + (f" of {d['of']:,}" if d["of"] else "") for s, d in q["done"].items()]
+    eta = f"{q['grid_left_h']} h" if q["grid_left_h"] is not None else "unknown"
+    return f"{'; '.join(parts) or 'no trial yet'}; {q['trainings_per_s']} trainings/s; grid left {eta}"
+
+
+def stop_stage(stopped: threading.Event) -> None:
+    """The deadline: SIGTERM to this process's children, the stage under way (it checkpoints, then exits)."""
+    stopped.set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == os.getpid():
+                os.kill(int(stat.parent.name), signal.SIGTERM)
+        except (OSError, IndexError, ValueError):
+            pass  # gone meanwhile
+
+
+# --- the audit: bytes, not rounded scores, across machines ----------------------------------------------
+
+
+def cpu_id(cpu: dict) -> tuple:
+    return tuple(cpu[k] for k in ("vendor", "model", "family_model", "avx512"))
+
+
+def audit_sample(recs: list[dict], n: int, seed: str) -> list[dict]:
+    """``n`` carried cross-validation trials at random, both architectures alternately and one per model
+    shape (widths, batch norm, skips) until every shape has one."""
+    rng, shapes = random.Random(seed), {}
+    for rec in (r for r in recs if r["checkpoint"].startswith("cv-")):
+        m = rec["row"]["trial"]["model"]
+        shapes.setdefault(m["arch"], {}).setdefault(json.dumps(m, sort_keys=True), []).append(rec["row"])
+    pools = {arch: rng.sample(sorted(s.values(), key=len), len(s)) for arch, s in sorted(shapes.items())}
+    out = []
+    while len(out) < n and any(pools.values()):
+        for arch in sorted(pools):
+            if pools[arch] and len(out) < n:
+                rows = pools[arch].pop()
+                out.append(rng.choice(rows))
+                if not pools[arch] and len(out) < n:  # every shape used: again, other draws and lrs
+                    pools[arch] = [[r for r in v if r not in out] for v in shapes[arch].values()]
+                    pools[arch] = [v for v in pools[arch] if v]
+    return out
+
+
+def trial_of(d: dict) -> Trial:
+    return Trial(d["variant"], ModelConfig(**d["model"]), TrainConfig(**d["train"]), d["draw"], d["seed"])
+
+
+def audit_here(args: argparse.Namespace) -> None:
+    """(In --root, with the run's commit's package.) Train the sampled trials again; write each one's
+    weights digest and scores beside the carried ones."""
+    p, rows = yaml.safe_load(Path("params.yaml").read_text()), json.loads(Path(args.sample).read_text())
+    trials = [trial_of(r["trial"]) for r in rows]
+    outs = run_trials(trials, Path("data/pairs"), engine=p["train"]["engine"], device=p["train"]["device"],
+                      desc="audit")  # fmt: skip
+    result = [{"trial": r["trial"], "carried": r["weights"], "here": o.weights,
+               "equal": o.weights == r["weights"] and o.scores == r["scores"]}
+              for r, o in zip(rows, outs, strict=True)]  # fmt: skip
+    write_json(result, Path(args.result))
+
+
+def audit(root: Path, records: Path, pieces: list[dict], cpu: dict) -> dict | None:
+    """On a CPU unlike every one that computed the carried trials: :data:`AUDIT_SAMPLE` of them trained
+    again, which must give the same weights; a mismatch stops the run, naming the trial."""
+    recs = list(carried(records).values())
+    seen = {cpu_id(q["cpu"]) for q in pieces if q.get("computed")}
+    if not recs or cpu_id(cpu) in seen:
+        return {"needed": False, "why": "no carried trials" if not recs else "a piece on this CPU computed some"}
+    sample = audit_sample(recs, AUDIT_SAMPLE, f"audit-{len(pieces)}")
+    write_json(sample, OUT / "audit_sample.json")
+    t = time.perf_counter()
+    child = in_root(root, "audit", "--sample", str(OUT / "audit_sample.json"), "--result", str(OUT / "audit.json"))
+    if child.returncode:
+        raise SystemExit(f"error: the audit could not run: {child.stderr.strip()[-2000:]}")
+    result = json.loads((OUT / "audit.json").read_text())
+    bad = [r for r in result if not r["equal"]]
+    out = {"needed": True, "trials": len(result), "equal": len(result) - len(bad),
+           "wall_s": round(time.perf_counter() - t, 1),
+           "shapes": len({json.dumps(r["trial"]["model"], sort_keys=True) for r in result}),
+           "mismatch": [r["trial"] for r in bad]}  # fmt: skip
+    log(f"audit: {out['equal']} of {out['trials']} carried trials ({out['shapes']} shapes) gave the same weights here")
+    return out
+
+
+def equivalence_here(args: argparse.Namespace) -> None:
+    """(In --root.) The lockstep engine on the run's device against the CPU loop: the study's variants on 2
+    draws at the grid's middle widths, BN and skips on, lr 0.1, the run's epochs."""
+    p = yaml.safe_load(Path("params.yaml").read_text())
+    cv, device, epochs = p["cv"], p["train"]["device"], p["train"]["epochs"]
+    config = {k: sorted(cv[k])[len(cv[k]) // 2] for k in ("nbch1", "nbch2", "nbfch")}
+    widths = study.widths(config | {"batch_norm": True, "skip_connections": True}, p["train"])
+    trials = [make_trial(v, widths, study.train_config(p["train"], 0.1), d, 1) for v in STUDY_VARIANTS for d in (0, 1)]
+    cpu = run_trials(trials, Path("data/pairs"), engine="loop", keep_state=True, desc="equivalence: CPU loop")
+    dev = run_trials(trials, Path("data/pairs"), engine="lockstep", device=device, keep_state=True, desc="equivalence")
+    rows = []
+    for c, g in zip(cpu, dev, strict=True):
+        a, b = ({k: s[k].double() for k in s if not k.endswith("num_batches_tracked")} for s in (c.state, g.state))
+        diff, v = max(float((a[k] - b[k]).abs().max() / a[k].abs().max()) for k in a), c.trial.variant
+        scores = {"cpu_test": variant_score(v, c.scores["test"]), "gpu_test": variant_score(v, g.scores["test"])}
+        rows.append({"variant": v, "draw": c.trial.draw, "epochs": epochs, "weights_rel_diff": diff} | scores)
+    write_json(finite_or_null({str(epochs): rows}), Path(args.result))
+
+
+# --- run, status, publish -------------------------------------------------------------------------------
+
+
+def environment(device: str) -> dict:
+    import torch
+
+    gpu = torch.cuda.get_device_properties(0) if device == "cuda" else None
+    return {
+        "gpu": gpu.name if gpu else "none (CPU run)",
+        "gpu_memory_gib": round(gpu.total_memory / 2**30, 1) if gpu else 0,
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "numerics": numerics.fingerprint(device),
+    }
+
+
+class Piece:
+    """This piece's record in ``records/pieces.json`` (one entry a piece, every machine's): its CPU, the
+    trials it computed, its trainings per second and its audit; and the exports that carry its trials."""
+
+    def __init__(self, records: Path, commit: str, device: str) -> None:
+        self.records, self.path, self.lock = records, records / "pieces.json", threading.Lock()
+        self.pieces = json.loads(self.path.read_text()) if self.path.exists() else []
+        self.entry = {"started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "commit": commit,
+                      "cpu": numerics.cpu(), "device": device, "products": numerics.products(), "nice": os.nice(0),
+                      "carried_at_start": len(carried(records)), "audit": None, "computed": 0, "recovered": 0,
+                      "training_s": 0.0, "trainings_per_s": None, "parts": [], "ended": None}  # fmt: skip
+        self.trains_since: float | None = None
+
+    def save(self, ckpts: Path, commit: bool, recovered: bool = False) -> None:
+        """Export what finished (a new part), update this piece's entry, and commit both with ``commit``."""
+        with self.lock:
+            part, n = export(ckpts, self.records)
+            if part:
+                self.entry["parts"].append(part.name)
+                self.entry["recovered" if recovered else "computed"] += n
+            if self.trains_since is not None:
+                self.entry["training_s"] += time.perf_counter() - self.trains_since
+                self.trains_since = time.perf_counter()
+            s = self.entry["training_s"]
+            self.entry["trainings_per_s"] = round(self.entry["computed"] / s, 2) if s else None
+            write_json(self.pieces + [self.entry], self.path)
+            if part and commit:
+                commit_records(self.records, f"full grid: {n} trials from {numerics.machine()}")
+            if part:
+                log(f"records: {n} trials in {part.name}")
+
+
+def run(args: argparse.Namespace) -> None:
+    global OUT
+    os.nice(args.nice)  # the stages and their workers inherit it: other work on the machine goes first
+    records, root = Path(args.records), Path(args.root)
+    OUT = Path(args.out or root / "out")
+    OUT.mkdir(parents=True, exist_ok=True)
+    state = run_state(args)
+    p, ckpts = prepare(root, state["commit"], state["settings"]), root / "data/checkpoints"
+    os.environ["MNIST_MIRROR"] = str(Path(args.mnist).resolve())
+    piece = Piece(records, state["commit"], args.device)
+    piece.save(ckpts, args.commit, recovered=True)  # what a piece killed on this machine left
+    log(f"the stages of {state['commit'][:12]} run in {root}; {restore(records, ckpts)} carried trials restored, "
+        f"{piece.entry['carried_at_start']} in the records; CPU {piece.entry['cpu']['model']}")  # fmt: skip
+    prov, tuning = environment(args.device) | {"params": p, "wall_s": {}}, {}
+    stages, finished, failed = list(run_stages.ordered(root)), [], None
+    stopped, done = threading.Event(), threading.Event()
+    timer = threading.Timer(max(0, args.budget - RESERVE - time.perf_counter() + T0), stop_stage, [stopped])
+    for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop_stage(stopped))
+    start = {f.stem: sum(1 for _ in f.open()) for f in ckpts.glob("*.jsonl")}
+
+    def watch() -> None:
+        last_export = time.perf_counter()
+        while not done.wait(15):
+            q = progress(ckpts, p, start, piece.entry["training_s"] + time.perf_counter() - (piece.trains_since or 0))
+            write_json(q, OUT / "progress.json")
+            if time.perf_counter() - last_export > args.export_every:
+                piece.save(ckpts, args.commit)
+                log(progress_line(q))
+                last_export = time.perf_counter()
+
+    watcher = threading.Thread(target=watch)
+    timer.start()
+    watcher.start()
+    try:
+        for name in (s for s in stages if not stopped.is_set()):
+            t = time.perf_counter()
+            try:
+                run_stages.run([name], root)
+            finally:
+                log(f"{name}: {prov['wall_s'].setdefault(name, round(time.perf_counter() - t, 1))} s")
+            if name == "pairs":
+                piece.entry["audit"] = audit(root, records, piece.pieces, piece.entry["cpu"])
+                if piece.entry["audit"]["needed"] and piece.entry["audit"]["mismatch"]:
+                    raise SystemExit(f"error: the audit's trial {piece.entry['audit']['mismatch'][0]} gave other "
+                                     "weights on this CPU than carried: the run stops (docs/full-grid.md)")  # fmt: skip
+                if args.device == "cuda" and not args.skip_check:
+                    child = in_root(root, "equivalence", "--result", str(OUT / "equivalence.json"))
+                    if not child.returncode:
+                        tuning = {"equivalence": json.loads((OUT / "equivalence.json").read_text())}
+                piece.trains_since = time.perf_counter()
+            finished.append(name)
+    except (Exception, SystemExit) as err:  # a stage that failed, or the one the deadline stopped
+        failed = None if stopped.is_set() else err
+        log(f"stopped: {name}" if failed is None else f"error: {err}")
+    finally:
+        timer.cancel()
+        done.set()
+        watcher.join()
+        piece.entry["ended"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        piece.entry["stopped_by"] = "complete" if finished == stages else "error" if failed else "budget or signal"
+        piece.save(ckpts, args.commit)
+        q = progress(ckpts, p, start, piece.entry["training_s"])
+        write_json(q, OUT / "progress.json")
+        log(progress_line(q))
+        prov["complete"], prov["grid_complete"] = finished == stages, {f"cv@{a}" for a in GRID_ARCHS} <= {*finished}
+        write_json(finite_or_null(prov), root / "provenance.json")
+        write_json(finite_or_null(tuning), root / "tuning.json")
+        kept = [o for s in run_stages.ordered(root).values() for o in run_stages.outputs(s) if o not in NOT_KEPT]
+        pack(root, [*kept, "provenance.json", "tuning.json"], OUT / "results.tar.gz")
+        log(f"done; {len(finished)} of {len(stages)} stages finished; the records: {records}")
+    if failed is not None:
+        sys.exit(1)
+
+
+def status(args: argparse.Namespace) -> None:
+    path = Path(args.out or Path(args.root) / "out") / "progress.json"
+    if not path.exists():
+        raise SystemExit(f"error: no {path}: no piece has run with --root {args.root} (or --out) yet")
+    q = json.loads(path.read_text())
+    print(f"{q['updated']}: {progress_line(q)}")
+
+
+def publish(args: argparse.Namespace) -> None:
+    """Runs -> --dest: the report (full_grid_report.py) of their provenance and tuning, and the grid's
+    trials in the records."""
+    runs = [Path(r) for r in args.runs]
+    archives = [tarfile.open(r / "results.tar.gz") for r in runs]
+    provs = [json.load(a.extractfile("provenance.json")) for a in archives]
+    rows = [rec["row"] for rec in carried(Path(args.records)).values() if rec["checkpoint"].startswith("cv-")]
+    logs = [f"## run {i}\n" + (r / "log.txt").read_text() for i, r in enumerate(runs, 1)]
+    tuning = json.load(archives[0].extractfile("tuning.json"))
+    report.write(Path(args.dest), rows, provs, tuning, "\n".join(logs), read_cv_tables(Path(args.default_cv)))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    root = str(Path(tempfile.gettempdir()) / "digitpairs-full-grid")
+    r = sub.add_parser("run", help="a piece: the pipeline's stages at the full grid, under a time budget")
+    r.add_argument("--mnist", required=True, help="a folder with the four MNIST .gz files")
+    r.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    r.add_argument("--root", default=root, help="where the stages run (kept: a piece on this machine resumes)")
+    r.add_argument("--out", help="log, progress, results archive (default: ROOT/out)")
+    r.add_argument("--records", default=str(RECORDS), help="the run's records: carried in, added to")
+    r.add_argument("--budget", type=float, default=3600, help="seconds for the piece")
+    r.add_argument("--export-every", type=float, default=900, help="seconds between parts written")
+    r.add_argument("--nice", type=int, default=19, help="niceness added (low priority)")
+    r.add_argument("--commit", action="store_true", help="git commit each part of the records")
+    r.add_argument("--code", help="the commit to compute with (first piece only; default HEAD)")
+    r.add_argument("-S", "--set", action="append", default=[], help="KEY=VALUE over FULL_GRID, as dvc exp run -S")
+    r.add_argument("--skip-check", action="store_true", help="no GPU equivalence check")
+    st = sub.add_parser("status", help="the progress of the piece under way (or the last)")
+    st.add_argument("--root", default=root)
+    st.add_argument("--out")
+    pb = sub.add_parser("publish", help="run folders (each: log.txt, results.tar.gz) and the records")
+    pb.add_argument("runs", nargs="+")
+    pb.add_argument("--records", default=str(RECORDS))
+    pb.add_argument("--default-cv", default="data/cv", help="the default run's CV tables, for comparison.json")
+    pb.add_argument("--dest", default=str(REPO / "results/full-grid"))
+    for name in ("audit", "equivalence"):  # the children that compute in --root (in_root)
+        c = sub.add_parser(name, help=argparse.SUPPRESS)
+        c.add_argument("--sample")
+        c.add_argument("--result", required=True)
+    args = ap.parse_args()
+    commands = {"run": run, "status": status, "publish": publish, "audit": audit_here, "equivalence": equivalence_here}
+    commands[args.cmd](args)
+
+
+if __name__ == "__main__":
+    main()
