@@ -44,7 +44,7 @@ from digitpairs.core.io import finite_or_null, read_cv_tables, replacing, write_
 from digitpairs.core.variants import GRID_ARCHS, STUDY_VARIANTS, variant_score, variants_of  # noqa: E402
 from digitpairs.training import study  # noqa: E402
 from digitpairs.training.models import ModelConfig  # noqa: E402
-from digitpairs.training.runner import Checkpoint, run_trials  # noqa: E402
+from digitpairs.training.runner import Checkpoint, code_digest, run_trials  # noqa: E402
 from digitpairs.training.train import TrainConfig  # noqa: E402
 from digitpairs.training.trials import Trial, make_trial  # noqa: E402
 
@@ -57,6 +57,7 @@ FULL_GRID = {"data.n_draws": 10, "cv.n_draws": 10, "loss_weights.n_draws": 10, "
              "cv.nbch1": [8, 16, 32, 64], "cv.nbch2": [8, 16, 32, 64], "cv.nbfch": [64, 128, 256, 512],
              "cv.lr": [0.001, 0.01, 0.1, 0.25, 1.0]}  # fmt: skip
 RECORDS = REPO / "results/full-grid/records"
+PAGE = REPO / "docs/full-grid.md"  # its full-grid-run block shows the records
 NOT_KEPT = ("data/mnist", "data/pairs", "models_out/models")  # inputs, or too large for OUT
 RESERVE = 30  # seconds of the budget kept for the records and archives
 AUDIT_SAMPLE = 24  # carried trials trained again on a CPU unlike those that computed them
@@ -80,13 +81,29 @@ def pack(base: Path, names: list[str], dest: Path) -> None:
 
 
 def carried(records: Path) -> dict[str, dict]:
-    """Every trial of the records' parts, by checkpoint key: ``{"checkpoint": file stem, "row": row}``."""
-    out = {}
+    """Every trial of the records' parts, ``{"checkpoint": file stem, "row": row}``, by its checkpoint key
+    under the run's commit (:func:`current_key`)."""
+    out, takeovers = {}, takeovers_of(records)
     for part in sorted(records.glob("part-*.jsonl.gz")):
         for line in gzip.decompress(part.read_bytes()).decode().splitlines():
             rec = json.loads(line)
+            rec["row"]["key"] = current_key(rec["row"]["key"], takeovers)
             out[rec["row"]["key"]] = rec
     return out
+
+
+def takeovers_of(records: Path) -> list[dict]:
+    run = records / "run.json"
+    return json.loads(run.read_text()).get("takeovers", []) if run.exists() else []
+
+
+def current_key(key: str, takeovers: list[dict]) -> str:
+    """A record's checkpoint key under the run's commit: each takeover (:func:`takeover`) vouched that its
+    new code trains what the old did, so the key's code digest (its second-last field) is swapped."""
+    for t in takeovers:
+        head, code, numeric = key.rsplit("-", 2)
+        key = f"{head}-{t['code_digests'][1]}-{numeric}" if code == t["code_digests"][0] else key
+    return key
 
 
 def checkpointed(ckpts: Path) -> dict[str, dict]:
@@ -98,8 +115,9 @@ def checkpointed(ckpts: Path) -> dict[str, dict]:
 def export(ckpts: Path, records: Path) -> tuple[Path | None, int]:
     """The trials of ``ckpts`` that no part holds yet, as a new part named by its content (two machines
     never write the same name); with the number of trials it holds. Parts are only ever added."""
-    held = carried(records)
-    new = [rec for key, rec in sorted(checkpointed(ckpts).items()) if key not in held and rec["row"].get("weights")]
+    held, takeovers = carried(records), takeovers_of(records)
+    new = [rec for key, rec in sorted(checkpointed(ckpts).items())
+           if current_key(key, takeovers) not in held and rec["row"].get("weights")]  # fmt: skip
     if not new:
         return None, 0
     data = gzip.compress("".join(json.dumps(r, sort_keys=True) + "\n" for r in new).encode(), mtime=0)
@@ -128,12 +146,20 @@ def git(*args: str) -> str:
 
 
 def commit_records(records: Path, message: str) -> None:
-    """Commit ``records`` alone (other staged or changed files stay as they are); retried while another git
-    command holds the index."""
+    """Commit ``records`` alone (other staged or changed files stay as they are), with the page that shows
+    them (docs/full-grid.md, its blocks rewritten by scripts/readme.py) where that page had no other
+    change; retried while another git command holds the index."""
+    paths = [str(records)]
+    if records.resolve() == RECORDS.resolve() and not git("status", "--porcelain", "--", str(PAGE)):
+        import readme
+
+        PAGE.write_text(readme.render(PAGE.read_text()))
+        paths.append(str(PAGE))
     for attempt in range(10):
         try:
-            git("add", "--", str(records))
-            git("commit", "-q", "-m", message, "--", str(records))
+            git("add", "--", *paths)
+            if git("status", "--porcelain", "--", *paths):
+                git("commit", "-q", "-m", message, "--", *paths)
             return
         except subprocess.CalledProcessError as err:
             if "index.lock" not in err.stderr or attempt == 9:
@@ -147,7 +173,8 @@ def commit_records(records: Path, message: str) -> None:
 
 def run_state(args: argparse.Namespace) -> dict:
     """``records/run.json``: the commit the whole run computes with and its settings, fixed by the first
-    piece; a later piece with other settings is refused (its trials would be another study's)."""
+    piece (:func:`start_piece` writes it); a later piece with other settings is refused (its trials would
+    be another study's)."""
     path = Path(args.records) / "run.json"
     settings = FULL_GRID | {"train.device": args.device} | {k: yaml.safe_load(v) for k, v in
                                                             (s.split("=", 1) for s in args.set)}  # fmt: skip
@@ -159,9 +186,7 @@ def run_state(args: argparse.Namespace) -> dict:
             raise SystemExit(f"error: {path} is a run with other settings ({', '.join(changed)}); give the same "
                              "--device and -S, or --records DIR for a new run")  # fmt: skip
         return state
-    state = {"commit": args.code or git("rev-parse", "HEAD"), "settings": settings}
-    write_json(state, path)
-    return state
+    return {"commit": args.code or git("rev-parse", "HEAD"), "settings": settings}
 
 
 def prepare(root: Path, commit: str, settings: dict) -> dict:
@@ -199,10 +224,9 @@ def totals(p: dict) -> dict[str, int]:
     return {f"cv-{a}": len(study.grid(p["cv"])) * p["cv"]["n_draws"] * len(variants_of(a)) for a in GRID_ARCHS}
 
 
-def progress(ckpts: Path, p: dict, start: dict[str, int], seconds: float) -> dict:
+def progress(done: dict[str, int], p: dict, start: dict[str, int], seconds: float) -> dict:
     """Trials done per checkpoint file (of its total, for the grid), this piece's trainings per second,
     and the grid's time left at that rate."""
-    done = {f.stem: sum(1 for _ in f.open()) for f in sorted(ckpts.glob("*.jsonl"))}
     new = sum(done.values()) - sum(start.values())
     rate = new / seconds if seconds > 0 else 0.0
     left = sum(max(0, n - done.get(stem, 0)) for stem, n in totals(p).items())
@@ -256,6 +280,13 @@ def audit_sample(recs: list[dict], n: int, seed: str) -> list[dict]:
     return out
 
 
+def describe(d: dict) -> str:
+    """A trial as a person reads it: ``pair 8/8/16 BN on skip off, lr 0.1, draw 0, seed 1``."""
+    m, on = d["model"], {True: "on", False: "off"}
+    return (f"{d['variant']} {m['nbch1']}/{m['nbch2']}/{m['nbfch']} BN {on[m['batch_norm']]} skip "
+            f"{on[m['skip_connections']]}, lr {d['train']['lr']:g}, draw {d['draw']}, seed {d['seed']}")  # fmt: skip
+
+
 def trial_of(d: dict) -> Trial:
     return Trial(d["variant"], ModelConfig(**d["model"]), TrainConfig(**d["train"]), d["draw"], d["seed"])
 
@@ -267,33 +298,64 @@ def audit_here(args: argparse.Namespace) -> None:
     trials = [trial_of(r["trial"]) for r in rows]
     outs = run_trials(trials, Path("data/pairs"), engine=p["train"]["engine"], device=p["train"]["device"],
                       desc="audit")  # fmt: skip
-    result = [{"trial": r["trial"], "carried": r["weights"], "here": o.weights,
+    result = [{"trial": r["trial"], "key": r["key"], "carried": r["weights"], "here": o.weights,
                "equal": o.weights == r["weights"] and o.scores == r["scores"]}
               for r, o in zip(rows, outs, strict=True)]  # fmt: skip
-    write_json(result, Path(args.result))
+    write_json({"code_digest": code_digest(), "rows": result}, Path(args.result))
 
 
-def audit(root: Path, records: Path, pieces: list[dict], cpu: dict) -> dict | None:
+def recompute(root: Path, sample: list[dict], name: str) -> dict:
+    """``sample`` trained again in ``root`` (its code): how many gave the carried weights and scores."""
+    write_json(sample, OUT / f"{name}_sample.json")
+    t = time.perf_counter()
+    child = in_root(root, "audit", "--sample", str(OUT / f"{name}_sample.json"), "--result", str(OUT / f"{name}.json"))
+    if child.returncode:
+        raise SystemExit(f"error: the {name} could not run: {child.stderr.strip()[-2000:]}")
+    answer = json.loads((OUT / f"{name}.json").read_text())
+    result, bad = answer["rows"], [r for r in answer["rows"] if not r["equal"]]
+    out = {"needed": True, "trials": len(result), "equal": len(result) - len(bad),
+           "wall_s": round(time.perf_counter() - t, 1), "code_digest": answer["code_digest"],
+           "shapes": len({json.dumps(r["trial"]["model"], sort_keys=True) for r in result}),
+           "mismatch": [f"{describe(r['trial'])} (key {r['key']})" for r in bad]}  # fmt: skip
+    log(f"{name}: {out['equal']} of {out['trials']} carried trials ({out['shapes']} shapes) gave the same weights")
+    return out
+
+
+def audit(root: Path, records: Path, pieces: list[dict], cpu: dict) -> dict:
     """On a CPU unlike every one that computed the carried trials: :data:`AUDIT_SAMPLE` of them trained
     again, which must give the same weights; a mismatch stops the run, naming the trial."""
     recs = list(carried(records).values())
     seen = {cpu_id(q["cpu"]) for q in pieces if q.get("computed")}
     if not recs or cpu_id(cpu) in seen:
         return {"needed": False, "why": "no carried trials" if not recs else "a piece on this CPU computed some"}
-    sample = audit_sample(recs, AUDIT_SAMPLE, f"audit-{len(pieces)}")
-    write_json(sample, OUT / "audit_sample.json")
-    t = time.perf_counter()
-    child = in_root(root, "audit", "--sample", str(OUT / "audit_sample.json"), "--result", str(OUT / "audit.json"))
-    if child.returncode:
-        raise SystemExit(f"error: the audit could not run: {child.stderr.strip()[-2000:]}")
-    result = json.loads((OUT / "audit.json").read_text())
-    bad = [r for r in result if not r["equal"]]
-    out = {"needed": True, "trials": len(result), "equal": len(result) - len(bad),
-           "wall_s": round(time.perf_counter() - t, 1),
-           "shapes": len({json.dumps(r["trial"]["model"], sort_keys=True) for r in result}),
-           "mismatch": [r["trial"] for r in bad]}  # fmt: skip
-    log(f"audit: {out['equal']} of {out['trials']} carried trials ({out['shapes']} shapes) gave the same weights here")
-    return out
+    return recompute(root, audit_sample(recs, AUDIT_SAMPLE, f"audit-{len(pieces)}"), "audit")
+
+
+def takeover(args: argparse.Namespace) -> None:
+    """Let commit ``--code`` compute the rest of the run: it trains :data:`AUDIT_SAMPLE` carried trials
+    again first, and only if every one gives the same weights and scores does run.json name it (with the
+    code digests it maps, so the carried trials resume under it); ``--dry-run`` only reports."""
+    global OUT
+    records, root = Path(args.records), Path(args.root)
+    OUT = Path(args.out or root / "out")
+    OUT.mkdir(parents=True, exist_ok=True)
+    state = json.loads((records / "run.json").read_text())
+    new = git("rev-parse", args.code)
+    prepare(root, new, state["settings"])
+    os.environ["MNIST_MIRROR"] = str(Path(args.mnist).resolve())
+    run_stages.run(["check_params", "mnist", "pairs"], root)
+    recs = list(carried(records).values())
+    sample = audit_sample(recs, AUDIT_SAMPLE, f"takeover-{new}")
+    result = recompute(root, sample, "takeover")
+    old_digests = {r["key"].rsplit("-", 2)[1] for r in sample}
+    if result["mismatch"] or len(old_digests) != 1:
+        raise SystemExit(f"error: commit {new[:12]} cannot take over the run: {result['mismatch'][:1] or old_digests}")
+    if args.dry_run:
+        return
+    entry = {"from": state["commit"], "to": new, "code_digests": [old_digests.pop(), result["code_digest"]],
+             "audit": {k: v for k, v in result.items() if k != "code_digest"}, "at": utc()}  # fmt: skip
+    write_json(state | {"commit": new, "takeovers": [*state.get("takeovers", []), entry]}, records / "run.json")
+    log(f"commit {new[:12]} computes the rest of the run (records/run.json)")
 
 
 def equivalence_here(args: argparse.Namespace) -> None:
@@ -335,66 +397,101 @@ class Piece:
     """This piece's record in ``records/pieces.json`` (one entry a piece, every machine's): its CPU, the
     trials it computed, its trainings per second and its audit; and the exports that carry its trials."""
 
-    def __init__(self, records: Path, commit: str, device: str) -> None:
-        self.records, self.path, self.lock = records, records / "pieces.json", threading.Lock()
+    def __init__(self, records: Path, ckpts: Path, commit: str, device: str) -> None:
+        self.records, self.ckpts, self.path, self.lock = records, ckpts, records / "pieces.json", threading.Lock()
         self.pieces = json.loads(self.path.read_text()) if self.path.exists() else []
-        self.entry = {"started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "commit": commit,
-                      "cpu": numerics.cpu(), "device": device, "products": numerics.products(), "nice": os.nice(0),
-                      "carried_at_start": len(carried(records)), "audit": None, "computed": 0, "recovered": 0,
-                      "training_s": 0.0, "trainings_per_s": None, "parts": [], "ended": None}  # fmt: skip
-        self.trains_since: float | None = None
+        self.entry = {"started": utc(), "commit": commit, "cpu": numerics.cpu(), "device": device,
+                      "products": numerics.products(), "nice": os.nice(0), "carried_at_start": len(carried(records)),
+                      "audit": None, "computed": 0, "recovered": 0, "training_s": 0.0, "trainings_per_s": None,
+                      "parts": [], "stopped_by": None, "ended": None}  # fmt: skip
+        self.trains_since: float | None = None  # set once the training stages begin
+        self.start = self.counts()
 
-    def save(self, ckpts: Path, commit: bool, recovered: bool = False) -> None:
+    def counts(self) -> dict[str, int]:
+        return {f.stem: sum(1 for _ in f.open()) for f in sorted(self.ckpts.glob("*.jsonl"))}
+
+    def training_s(self) -> float:
+        return self.entry["training_s"] + (time.perf_counter() - self.trains_since if self.trains_since else 0.0)
+
+    def save(self, commit: bool, recovered: bool = False) -> None:
         """Export what finished (a new part), update this piece's entry, and commit both with ``commit``."""
         with self.lock:
-            part, n = export(ckpts, self.records)
+            part, n = export(self.ckpts, self.records)
             if part:
                 self.entry["parts"].append(part.name)
                 self.entry["recovered" if recovered else "computed"] += n
+            self.entry["training_s"] = self.training_s()
             if self.trains_since is not None:
-                self.entry["training_s"] += time.perf_counter() - self.trains_since
                 self.trains_since = time.perf_counter()
             s = self.entry["training_s"]
             self.entry["trainings_per_s"] = round(self.entry["computed"] / s, 2) if s else None
             write_json(self.pieces + [self.entry], self.path)
-            if part and commit:
+            if commit:
                 commit_records(self.records, f"full grid: {n} trials from {numerics.machine()}")
             if part:
                 log(f"records: {n} trials in {part.name}")
 
+    def watch(self, p: dict, done: threading.Event, every: float, commit: bool) -> None:
+        """Until ``done``: the progress file every 15 s, a part of the records every ``every`` s."""
+        last = time.perf_counter()
+        while not done.wait(15):
+            q = progress(self.counts(), p, self.start, self.training_s())
+            write_json(q, OUT / "progress.json")
+            if time.perf_counter() - last > every:
+                self.save(commit)
+                log(progress_line(q))
+                last = time.perf_counter()
 
-def run(args: argparse.Namespace) -> None:
+
+def utc() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def start_piece(args: argparse.Namespace) -> tuple[Path, dict, Piece]:
+    """The run's commit's stages in --root with the run's params, what a piece killed here left exported,
+    the records' trials restored as checkpoints."""
     global OUT
     os.nice(args.nice)  # the stages and their workers inherit it: other work on the machine goes first
     records, root = Path(args.records), Path(args.root)
     OUT = Path(args.out or root / "out")
     OUT.mkdir(parents=True, exist_ok=True)
     state = run_state(args)
-    p, ckpts = prepare(root, state["commit"], state["settings"]), root / "data/checkpoints"
+    p = prepare(root, state["commit"], state["settings"])
+    if not (records / "run.json").exists():
+        write_json(state | {"trainings": totals(p)}, records / "run.json")
     os.environ["MNIST_MIRROR"] = str(Path(args.mnist).resolve())
-    piece = Piece(records, state["commit"], args.device)
-    piece.save(ckpts, args.commit, recovered=True)  # what a piece killed on this machine left
-    log(f"the stages of {state['commit'][:12]} run in {root}; {restore(records, ckpts)} carried trials restored, "
+    piece = Piece(records, root / "data/checkpoints", state["commit"], args.device)
+    piece.save(args.commit, recovered=True)  # finished trials of a piece killed on this machine
+    restored = restore(records, piece.ckpts)
+    piece.start = piece.counts()
+    log(f"the stages of {state['commit'][:12]} run in {root}; {restored} carried trials restored, "
         f"{piece.entry['carried_at_start']} in the records; CPU {piece.entry['cpu']['model']}")  # fmt: skip
+    return root, p, piece
+
+
+def checks(args: argparse.Namespace, root: Path, piece: Piece) -> dict:
+    """Once the pair draws exist: the audit (a mismatch stops the run), and the engines' equivalence."""
+    piece.entry["audit"] = result = audit(root, Path(args.records), piece.pieces, piece.entry["cpu"])
+    if result["needed"] and result["mismatch"]:
+        raise SystemExit(f"error: the audit's trial {result['mismatch'][0]} gave other weights on this CPU than "
+                         "the records carry: the run stops here (docs/full-grid.md, 'The audit')")  # fmt: skip
+    if args.skip_check or (args.device != "cuda" and not args.check):
+        return {}
+    child = in_root(root, "equivalence", "--result", str(OUT / "equivalence.json"))
+    if child.returncode:
+        raise SystemExit(f"error: the equivalence check failed: {child.stderr.strip()[-2000:]}")
+    return {"equivalence": json.loads((OUT / "equivalence.json").read_text())}
+
+
+def run(args: argparse.Namespace) -> None:
+    root, p, piece = start_piece(args)
     prov, tuning = environment(args.device) | {"params": p, "wall_s": {}}, {}
-    stages, finished, failed = list(run_stages.ordered(root)), [], None
+    stages, finished, failed, name = list(run_stages.ordered(root)), [], None, ""
     stopped, done = threading.Event(), threading.Event()
     timer = threading.Timer(max(0, args.budget - RESERVE - time.perf_counter() + T0), stop_stage, [stopped])
     for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
         signal.signal(sig, lambda *_: stop_stage(stopped))
-    start = {f.stem: sum(1 for _ in f.open()) for f in ckpts.glob("*.jsonl")}
-
-    def watch() -> None:
-        last_export = time.perf_counter()
-        while not done.wait(15):
-            q = progress(ckpts, p, start, piece.entry["training_s"] + time.perf_counter() - (piece.trains_since or 0))
-            write_json(q, OUT / "progress.json")
-            if time.perf_counter() - last_export > args.export_every:
-                piece.save(ckpts, args.commit)
-                log(progress_line(q))
-                last_export = time.perf_counter()
-
-    watcher = threading.Thread(target=watch)
+    watcher = threading.Thread(target=piece.watch, args=(p, done, args.export_every, args.commit))
     timer.start()
     watcher.start()
     try:
@@ -405,37 +502,36 @@ def run(args: argparse.Namespace) -> None:
             finally:
                 log(f"{name}: {prov['wall_s'].setdefault(name, round(time.perf_counter() - t, 1))} s")
             if name == "pairs":
-                piece.entry["audit"] = audit(root, records, piece.pieces, piece.entry["cpu"])
-                if piece.entry["audit"]["needed"] and piece.entry["audit"]["mismatch"]:
-                    raise SystemExit(f"error: the audit's trial {piece.entry['audit']['mismatch'][0]} gave other "
-                                     "weights on this CPU than carried: the run stops (docs/full-grid.md)")  # fmt: skip
-                if args.device == "cuda" and not args.skip_check:
-                    child = in_root(root, "equivalence", "--result", str(OUT / "equivalence.json"))
-                    if not child.returncode:
-                        tuning = {"equivalence": json.loads((OUT / "equivalence.json").read_text())}
+                tuning = checks(args, root, piece)
                 piece.trains_since = time.perf_counter()
             finished.append(name)
     except (Exception, SystemExit) as err:  # a stage that failed, or the one the deadline stopped
         failed = None if stopped.is_set() else err
-        log(f"stopped: {name}" if failed is None else f"error: {err}")
+        log(f"stopped: {name}" if failed is None else f"error: {str(err).removeprefix('error: ')}")
     finally:
         timer.cancel()
         done.set()
         watcher.join()
-        piece.entry["ended"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-        piece.entry["stopped_by"] = "complete" if finished == stages else "error" if failed else "budget or signal"
-        piece.save(ckpts, args.commit)
-        q = progress(ckpts, p, start, piece.entry["training_s"])
-        write_json(q, OUT / "progress.json")
-        log(progress_line(q))
-        prov["complete"], prov["grid_complete"] = finished == stages, {f"cv@{a}" for a in GRID_ARCHS} <= {*finished}
-        write_json(finite_or_null(prov), root / "provenance.json")
-        write_json(finite_or_null(tuning), root / "tuning.json")
-        kept = [o for s in run_stages.ordered(root).values() for o in run_stages.outputs(s) if o not in NOT_KEPT]
-        pack(root, [*kept, "provenance.json", "tuning.json"], OUT / "results.tar.gz")
-        log(f"done; {len(finished)} of {len(stages)} stages finished; the records: {records}")
+        finish(root, p, piece, prov | {"complete": finished == stages}, tuning, failed, args.commit)
     if failed is not None:
         sys.exit(1)
+
+
+def finish(root: Path, p: dict, piece: Piece, prov: dict, tuning: dict, failed: object, commit: bool) -> None:
+    """The piece's last part and entry, its progress, and OUT/results.tar.gz: the stages' outputs."""
+    piece.entry["ended"] = utc()
+    piece.entry["stopped_by"] = "complete" if prov["complete"] else "error" if failed else "budget or signal"
+    piece.save(commit)
+    q = progress(piece.counts(), p, piece.start, piece.entry["training_s"])
+    write_json(q, OUT / "progress.json")
+    log(progress_line(q))
+    prov["grid_complete"] = all(q["done"].get(s, {}).get("trials", 0) >= n for s, n in totals(p).items())
+    write_json(finite_or_null(prov), root / "provenance.json")
+    write_json(finite_or_null(tuning), root / "tuning.json")
+    kept = [o for s in run_stages.ordered(root).values() for o in run_stages.outputs(s) if o not in NOT_KEPT]
+    pack(root, [*kept, "provenance.json", "tuning.json"], OUT / "results.tar.gz")
+    resume = "; rerun the same command to resume (on this machine or another)" * (not prov["complete"] and not failed)
+    log(f"done; {piece.entry['stopped_by']}; the records: {piece.records}{resume}")
 
 
 def status(args: argparse.Namespace) -> None:
@@ -474,7 +570,8 @@ def main() -> None:
     r.add_argument("--commit", action="store_true", help="git commit each part of the records")
     r.add_argument("--code", help="the commit to compute with (first piece only; default HEAD)")
     r.add_argument("-S", "--set", action="append", default=[], help="KEY=VALUE over FULL_GRID, as dvc exp run -S")
-    r.add_argument("--skip-check", action="store_true", help="no GPU equivalence check")
+    r.add_argument("--check", action="store_true", help="the engines' equivalence check on a CPU too")
+    r.add_argument("--skip-check", action="store_true", help="no equivalence check on a GPU either")
     st = sub.add_parser("status", help="the progress of the piece under way (or the last)")
     st.add_argument("--root", default=root)
     st.add_argument("--out")
@@ -483,12 +580,20 @@ def main() -> None:
     pb.add_argument("--records", default=str(RECORDS))
     pb.add_argument("--default-cv", default="data/cv", help="the default run's CV tables, for comparison.json")
     pb.add_argument("--dest", default=str(REPO / "results/full-grid"))
+    tk = sub.add_parser("takeover", help="a later commit computes the rest, once a sample of the records agrees")
+    tk.add_argument("--code", required=True, help="the commit to take over")
+    tk.add_argument("--mnist", required=True)
+    tk.add_argument("--records", default=str(RECORDS))
+    tk.add_argument("--root", default=root + "-takeover")
+    tk.add_argument("--out")
+    tk.add_argument("--dry-run", action="store_true", help="recompute the sample and report, change nothing")
     for name in ("audit", "equivalence"):  # the children that compute in --root (in_root)
         c = sub.add_parser(name, help=argparse.SUPPRESS)
         c.add_argument("--sample")
         c.add_argument("--result", required=True)
     args = ap.parse_args()
-    commands = {"run": run, "status": status, "publish": publish, "audit": audit_here, "equivalence": equivalence_here}
+    commands = {"run": run, "status": status, "publish": publish, "takeover": takeover, "audit": audit_here,
+                "equivalence": equivalence_here}  # fmt: skip
     commands[args.cmd](args)
 
 

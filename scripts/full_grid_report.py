@@ -1,4 +1,4 @@
-"""The report of a full-grid run (scripts/gpu_full_grid.py publish): the grid's cross-validation tables
+"""The report of a full-grid run (scripts/full_grid.py publish): the grid's cross-validation tables
 from its checkpointed trials, finished or not, and what the full grid changes against the default subset."""
 
 from __future__ import annotations
@@ -91,7 +91,8 @@ def write(dest: Path, rows: list[dict], runs: list[dict], tuning: dict, log: str
     tuning (the first's) and logs."""
     from digitpairs.report import figures
 
-    shutil.rmtree(dest, ignore_errors=True)
+    for old in (f for f in (dest.iterdir() if dest.exists() else []) if f.name != "records"):  # records: the run's
+        shutil.rmtree(old) if old.is_dir() else old.unlink()
     summary, cv = grid_tables(rows, runs[0]["params"], dest)
     for name in figures.CV_FIGURES:
         figures.save(figures.draw_cv(cv, name), dest / "plots", name, 150)

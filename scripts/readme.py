@@ -7,7 +7,8 @@ Blocks (each in exactly one page): ``results`` (models_out/metrics.json); ``find
 (models_out/findings.json); ``recipe-attempts`` and ``frontier`` (results/recipe-attempts/, written by
 ``scripts/recipe_attempts.py``); ``headline`` (metrics.json and the frontier); ``faithful`` (results/faithful/,
 written by ``scripts/faithful.py``); ``full-grid``
-(results/full-grid/, written by ``scripts/gpu_full_grid.py publish``); ``repro-time``, ``cold-repro``,
+(results/full-grid/, written by ``scripts/full_grid.py publish``), ``full-grid-run`` (its records, written by
+``scripts/full_grid.py run``); ``repro-time``, ``cold-repro``,
 ``benchmark``, ``numerics`` and ``pins-cost`` (results/timings.json: what was measured, with which command, on
 which commit and machine).
 """
@@ -31,6 +32,7 @@ METRICS = REPO / "models_out/metrics.json"
 FINDINGS = REPO / "models_out/findings.json"
 FAITHFUL = REPO / "results/faithful"
 FULL_GRID = REPO / "results/full-grid"
+FULL_GRID_RECORDS = FULL_GRID / "records"
 TIMINGS = REPO / "results/timings.json"
 ATTEMPTS = REPO / "results/recipe-attempts"
 
@@ -324,6 +326,40 @@ def full_grid_block() -> str:
     return "\n".join(lines)
 
 
+def full_grid_run_block() -> str:
+    """The run of the original's study at full scale on CPUs: its commit, what its records hold, and
+    each piece's machine, trials, speed and audit (results/full-grid/records/, scripts/full_grid.py)."""
+    import gzip
+
+    run = json.loads((FULL_GRID_RECORDS / "run.json").read_text())
+    pieces = json.loads((FULL_GRID_RECORDS / "pieces.json").read_text())
+    held: dict[str, int] = {}
+    for part in sorted(FULL_GRID_RECORDS.glob("part-*.jsonl.gz")):
+        for line in gzip.decompress(part.read_bytes()).decode().splitlines():
+            held[json.loads(line)["checkpoint"]] = held.get(json.loads(line)["checkpoint"], 0) + 1
+    s, totals = run["settings"], run["trainings"]
+    done = ", ".join(f"{stem} {n:,}" + (f" of {totals[stem]:,}" if stem in totals else "") for stem, n in
+                     sorted(held.items()))  # fmt: skip
+    lines = [
+        f"Commit `{run['commit'][:7]}`, `train.device: {s['train.device']}`, `train.numerics: {s['train.numerics']}`; "
+        f"the records hold {sum(held.values()):,} trials ({done}).",
+        "",
+        "| piece (UTC) | CPU | AVX-512 | trials computed | training time | trainings/s | audit |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for q in pieces:
+        a = q["audit"] or {}
+        audit = (f"{a['equal']} of {a['trials']} equal ({a['shapes']} shapes)" if a.get("needed")
+                 else f"not needed ({a['why']})" if a else "not reached")  # fmt: skip
+        computed = f"{q['computed']:,}" + (f" (+{q['recovered']:,} recovered)" if q["recovered"] else "")
+        lines.append(
+            f"| {q['started'][:16].replace('T', ' ')} | {q['cpu']['model']}, {q['cpu']['cpus']} CPUs | "
+            f"{'yes' if q['cpu']['avx512'] else 'no'} | {computed} | {q['training_s'] / 3600:.2f} h | "
+            f"{q['trainings_per_s'] or 0:.2f} | {audit} |"
+        )
+    return "\n".join(lines)
+
+
 def timings() -> dict:
     return json.loads(TIMINGS.read_text())
 
@@ -514,6 +550,7 @@ BLOCKS = {
     "headline": headline_block,
     "faithful": faithful_block,
     "full-grid": full_grid_block,
+    "full-grid-run": full_grid_run_block,
     "repro-time": repro_time_block,
     "cold-repro": cold_repro_block,
     "benchmark": benchmark_block,

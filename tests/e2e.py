@@ -225,7 +225,7 @@ def edited_text(text: str, key: str, value: str) -> str:
     return yaml.safe_dump(params, sort_keys=False).replace("BAD_VALUE_HERE", value)
 
 
-def gpu_script_module():
+def full_grid_module():
     """scripts/full_grid.py loaded as a module (a script, not a package member), for its constants."""
     spec = importlib.util.spec_from_file_location("full_grid", REPO / "scripts/full_grid.py")
     module = importlib.util.module_from_spec(spec)

@@ -21,7 +21,7 @@ from digitpairs.core.params import (
 import pytest
 import yaml
 
-from tests.e2e import REPO, TINY, edited_text, gpu_script_module, merged
+from tests.e2e import REPO, TINY, edited_text, full_grid_module, merged
 
 DEFAULTS = parse((REPO / "params.yaml").read_text())
 
@@ -259,7 +259,7 @@ def model_epochs(p: dict) -> int:
 def full_grid() -> dict:
     """params.yaml with scripts/full_grid.py's FULL_GRID keys (on the CPU: the GPU is not the point)."""
     p = copy.deepcopy(DEFAULTS)
-    for key, value in gpu_script_module().FULL_GRID.items():
+    for key, value in full_grid_module().FULL_GRID.items():
         section, name = key.split(".")
         p[section][name] = value
     p["train"]["device"] = "cpu"

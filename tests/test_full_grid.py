@@ -1,0 +1,179 @@
+"""`scripts/full_grid.py`, the study at full scale in pieces, run on the CPU with the tiny params of
+tests/e2e.py: a piece its budget stops (its records committed), one SIGKILLed mid-stage, one that
+recovers what the killed one left on its machine, passes the audit a CPU unlike the records' demands and
+writes the bytes `dvc repro` writes; a fresh machine whose records were tampered with stops at the audit,
+naming the trial; then `publish`."""
+
+import gzip
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from digitpairs.core import numerics
+
+import pytest
+
+from tests.conftest import SHARED_MNIST
+from tests.e2e import REPO, TINY, env, full_grid_module, pipeline_outputs, sh
+
+# the tiny params as `-S KEY=VALUE` over the script's full grid (JSON is YAML)
+TINY_SETTINGS = [f"-S{section}.{key}={json.dumps(value)}" for section, values in TINY.items()
+                 for key, value in values.items()]  # fmt: skip
+NO_PINS = dict.fromkeys(numerics.PIN_VARS, "")  # as a fresh shell runs it: the script and each stage set them
+OTHER_CPU = {"vendor": "AuthenticAMD", "model": "AMD EPYC (a record edited by the test)", "family_model": "25/1"}
+
+
+def script(repo: Path, *args: str, check: bool = True):
+    return sh(repo, sys.executable, str(repo / "scripts/full_grid.py"), *args, check=check, **NO_PINS)
+
+
+def lines(folder: Path) -> int:
+    return sum(len(f.read_text().splitlines()) for f in folder.glob("*.jsonl"))
+
+
+def parts(records: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in records.glob("part-*.jsonl.gz")}
+
+
+def keys(part: bytes) -> list[str]:
+    return [json.loads(line)["row"]["key"] for line in gzip.decompress(part).decode().splitlines()]
+
+
+def as_other_cpu(records: Path) -> None:
+    """The earlier pieces' CPU recorded as another (the simulation of a second machine)."""
+    pieces = json.loads((records / "pieces.json").read_text())
+    (records / "pieces.json").write_text(json.dumps([q | {"cpu": q["cpu"] | OTHER_CPU} for q in pieces]))
+
+
+def killed_mid_stage(repo: Path, root: Path, common: list[str]) -> int:
+    """A piece SIGKILLed (with its stage and workers) once it checkpointed a trial of its own; the number
+    of trials its root then holds."""
+    cmd = [sys.executable, str(repo / "scripts/full_grid.py"), "run", "--root", str(root), *common]
+    proc = subprocess.Popen(cmd, cwd=repo, env=env(**NO_PINS), start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    ckpts, deadline, before = root / "data/checkpoints", time.monotonic() + 120, None
+    while time.monotonic() < deadline and proc.poll() is None:
+        if before is None and (root / "data/pairs").exists():  # restored by now: the piece's own trials come next
+            before = lines(ckpts)
+        if before is not None and lines(ckpts) > before:
+            break
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert before is not None and lines(ckpts) > before, "the piece checkpointed no trial of its own in 120 s"
+    return lines(ckpts)
+
+
+@pytest.mark.slow
+@pytest.mark.system
+def test_pieces_on_machines_that_stop_or_die_give_the_run_dvc_repro_gives(tiny_repo, tiny_built, tmp_path):
+    repo, records, root = tiny_repo, tiny_repo / "results/tiny-records", tmp_path / "root"
+    common = ["--mnist", str(SHARED_MNIST), "--records", str(records), "--nice", "0", *TINY_SETTINGS]
+    # a deadline 25 s after the start (the budget less the reserve): past the first training stage on a
+    # 2-core machine twice as slow as those measured, yet short of the whole run (about 45 s here)
+    budget = str(full_grid_module().RESERVE + 25)
+    first = script(repo, "run", "--root", str(root), "--budget", budget, "--commit", *common)
+    assert "budget or signal" in first.stdout, first.stdout[-2000:]
+    (piece,) = json.loads((records / "pieces.json").read_text())
+    assert piece["computed"] > 0 and piece["stopped_by"] == "budget or signal" and not piece["audit"]["needed"]
+    assert piece["cpu"] == numerics.cpu() and piece["trainings_per_s"] > 0
+    committed = sh(repo, "git", "show", "--name-only", "--format=", "HEAD").stdout.split()
+    assert committed and all(f.startswith("results/tiny-records/") for f in committed)
+    assert "results/tiny-records" not in sh(repo, "git", "status", "--porcelain").stdout
+    first_parts = parts(records)
+
+    held = killed_mid_stage(repo, root, [*common, "--export-every", "600"])
+    as_other_cpu(records)
+    third = script(repo, "run", "--root", str(root), "--check", *common)
+    killed, last = json.loads((records / "pieces.json").read_text())[1:]
+    assert killed["ended"] is None and killed["computed"] == 0  # what it finished is recovered by the next
+    assert last["recovered"] == held - sum(len(keys(p)) for p in first_parts.values()) > 0, third.stdout
+    assert last["audit"]["needed"] and last["audit"]["equal"] == last["audit"]["trials"] > 0
+    assert last["stopped_by"] == "complete" and pipeline_outputs(root) == pipeline_outputs(tiny_built)
+    assert all(parts(records)[name] == data for name, data in first_parts.items())  # parts are only added
+    every = [k for p in parts(records).values() for k in keys(p)]
+    assert len(every) == len(set(every)) == len(full_grid_module().checkpointed(root / "data/checkpoints"))
+    rows = json.loads((root / "tuning.json").read_text())["equivalence"]["1"]
+    assert len(rows) == 6 and all(r["cpu_test"] == pytest.approx(r["gpu_test"], abs=0.02) for r in rows)
+
+    tampered = tmp_path / "tampered"
+    tampered.mkdir()
+    for name, data in parts(records).items():
+        text = gzip.decompress(data).decode().replace('"weights": "', '"weights": "0')
+        (tampered / name).write_bytes(gzip.compress(text.encode()))
+    for name in ("run.json", "pieces.json"):
+        (tampered / name).write_bytes((records / name).read_bytes())
+    as_other_cpu(tampered)
+    t = time.monotonic()
+    bad = script(repo, "run", "--root", str(tmp_path / "fresh"), *common[:2], "--records", str(tampered),
+                 "--nice", "0", *TINY_SETTINGS, check=False)  # fmt: skip
+    assert bad.returncode == 1 and time.monotonic() - t < 120
+    assert re.search(r"error: the audit's trial (pair|siamese-2|siamese-10) 8/8/16 BN on skip off, lr [0-9.]+, "
+                     r"draw \d, seed 1 \(key [0-9a-f]{16}-", bad.stdout), bad.stdout[-2000:]  # fmt: skip
+    assert "cv@pair" not in bad.stdout.split("audit")[-1]  # stopped before any training stage
+
+    # a later commit takes over: one whose code trains the same bytes does, the run then resumes every trial
+    trials_py = repo / "digitpairs/training/trials.py"
+    original = trials_py.read_text()
+    trials_py.write_text(original + "\nSAME_BYTES = True\n")  # another code digest, the same training
+    sh(repo, "git", "commit", "-qam", "the same training, other code")
+    takeover = ["takeover", "--code", "HEAD", "--mnist", str(SHARED_MNIST), "--records", str(records)]
+    script(repo, *takeover, "--root", str(tmp_path / "takeover"))
+    run = json.loads((records / "run.json").read_text())
+    assert run["commit"] == sh(repo, "git", "rev-parse", "HEAD").stdout.strip() and len(run["takeovers"]) == 1
+    old_code, new_code = run["takeovers"][0]["code_digests"]
+    assert old_code != new_code and run["takeovers"][0]["audit"]["equal"] == 6
+    resumed = script(repo, "run", "--root", str(root), *common)
+    assert "cv@pair: resumed 2 of 2" in resumed.stderr and "cv@siamese: resumed 4 of 4" in resumed.stderr
+    assert pipeline_outputs(root) == pipeline_outputs(tiny_built)
+    trials_py.write_text(original.replace('"init"', '"init-other"'))  # other initial weights: other bytes
+    sh(repo, "git", "commit", "-qam", "other training")
+    refused = script(repo, *takeover, "--root", str(tmp_path / "takeover2"), check=False)
+    assert refused.returncode == 1 and "cannot take over the run" in refused.stdout + refused.stderr
+    assert json.loads((records / "run.json").read_text()) == run
+
+    dest = tmp_path / "published"
+    script(repo, "publish", str(root / "out"), "--records", str(records), "--dest", str(dest),
+           "--default-cv", str(tiny_built / "data/cv"))  # fmt: skip
+    published = {str(p.relative_to(dest)).removesuffix(".gz") for p in dest.rglob("*") if p.is_file()}
+    grid_dir = REPO / "results/full-grid"
+    expected = {str(p.relative_to(grid_dir)).removesuffix(".gz")
+                for p in grid_dir.rglob("*") if p.is_file() and "records" not in p.parts}  # fmt: skip
+    assert published == expected - {"profile.txt"}
+    grid = json.loads((dest / "provenance.json").read_text())["grid"]
+    assert grid["complete"] and grid["trainings_finished"] == 6 and len(grid["runs"]) == 1
+
+
+def test_the_audit_samples_both_architectures_and_every_shape_first():
+    fg = full_grid_module()
+    recs = [{"checkpoint": f"cv-{arch}", "row": {"trial": {"model": {"arch": arch, "nbch1": w}}, "key": f"{w}{d}"}}
+            for arch in ("pair", "siamese") for w in (8, 16, 32) for d in range(10)]  # fmt: skip
+    sample = fg.audit_sample(recs, 24, "audit-1")
+    assert len(sample) == 24 and len({(r["trial"]["model"]["arch"], r["key"]) for r in sample}) == 24
+    assert [r["trial"]["model"]["arch"] for r in sample[:6]] == ["pair", "siamese"] * 3
+    assert {(r["trial"]["model"]["arch"], r["trial"]["model"]["nbch1"]) for r in sample[:6]} == {
+        (a, w) for a in ("pair", "siamese") for w in (8, 16, 32)}  # fmt: skip
+    assert fg.audit_sample(recs, 24, "audit-1") == sample != fg.audit_sample(recs, 24, "audit-2")
+
+
+def test_records_are_only_added_to_and_restore_what_they_carry(tmp_path):
+    fg, ckpts, records = full_grid_module(), tmp_path / "ckpts", tmp_path / "records"
+    row = {"trial": {"draw": 0}, "scores": {"val": {"acc": 0.5}}, "weights": "ab" * 32}
+    key = "0123456789abcdef-fedcba9876543210-lockstep-cpu-t1-{code}-0a1b2c3d4e5f"
+    fg.Checkpoint(ckpts / "cv-pair.jsonl").extend([row | {"key": key.format(code="c0de00000001")}])
+    first, n = fg.export(ckpts, records)
+    assert n == 1 and first.name.startswith("part-") and fg.export(ckpts, records) == (None, 0)
+    fg.Checkpoint(ckpts / "cv-siamese.jsonl").add(row | {"key": key.format(code="c0de00000002")})
+    second, n = fg.export(ckpts, records)
+    assert n == 1 and second != first and {p.name for p in records.iterdir()} == {first.name, second.name}
+    assert fg.restore(records, tmp_path / "elsewhere") == 2 and fg.restore(records, tmp_path / "elsewhere") == 0
+    assert fg.checkpointed(tmp_path / "elsewhere") == fg.checkpointed(ckpts) == fg.carried(records)
+    # a takeover maps the code digest it vouched for: carried trials resume under the new key, none is new
+    (records / "run.json").write_text(json.dumps({"takeovers": [{"code_digests": ["c0de00000001", "c0de0000000f"]}]}))
+    assert sorted(fg.carried(records)) == [key.format(code="c0de00000002"), key.format(code="c0de0000000f")]
+    assert fg.export(ckpts, records) == (None, 0) and fg.restore(records, ckpts) == 1
