@@ -101,41 +101,8 @@ def test_pieces_on_machines_that_stop_or_die_give_the_run_dvc_repro_gives(tiny_r
     rows = json.loads((root / "tuning.json").read_text())["equivalence"]["1"]
     assert len(rows) == 6 and all(r["cpu_test"] == pytest.approx(r["gpu_test"], abs=0.02) for r in rows)
 
-    tampered = tmp_path / "tampered"
-    tampered.mkdir()
-    for name, data in parts(records).items():
-        text = gzip.decompress(data).decode().replace('"weights": "', '"weights": "0')
-        (tampered / name).write_bytes(gzip.compress(text.encode()))
-    for name in ("run.json", "pieces.json"):
-        (tampered / name).write_bytes((records / name).read_bytes())
-    as_other_cpu(tampered)
-    t = time.monotonic()
-    bad = script(repo, "run", "--root", str(tmp_path / "fresh"), *common[:2], "--records", str(tampered),
-                 "--nice", "0", *TINY_SETTINGS, check=False)  # fmt: skip
-    assert bad.returncode == 1 and time.monotonic() - t < 120
-    assert re.search(r"error: the audit's trial (pair|siamese-2|siamese-10) 8/8/16 BN on skip off, lr [0-9.]+, "
-                     r"draw \d, seed 1 \(key [0-9a-f]{16}-", bad.stdout), bad.stdout[-2000:]  # fmt: skip
-    assert "cv@pair" not in bad.stdout.split("audit")[-1]  # stopped before any training stage
-
-    # a later commit takes over: one whose code trains the same bytes does, the run then resumes every trial
-    trials_py = repo / "digitpairs/training/trials.py"
-    original = trials_py.read_text()
-    trials_py.write_text(original + "\nSAME_BYTES = True\n")  # another code digest, the same training
-    sh(repo, "git", "commit", "-qam", "the same training, other code")
-    takeover = ["takeover", "--code", "HEAD", "--mnist", str(SHARED_MNIST), "--records", str(records)]
-    script(repo, *takeover, "--root", str(tmp_path / "takeover"))
-    run = json.loads((records / "run.json").read_text())
-    assert run["commit"] == sh(repo, "git", "rev-parse", "HEAD").stdout.strip() and len(run["takeovers"]) == 1
-    old_code, new_code = run["takeovers"][0]["code_digests"]
-    assert old_code != new_code and run["takeovers"][0]["audit"]["equal"] == 6
-    resumed = script(repo, "run", "--root", str(root), *common)
-    assert "cv@pair: resumed 2 of 2" in resumed.stderr and "cv@siamese: resumed 4 of 4" in resumed.stderr
-    assert pipeline_outputs(root) == pipeline_outputs(tiny_built)
-    trials_py.write_text(original.replace('"init"', '"init-other"'))  # other initial weights: other bytes
-    sh(repo, "git", "commit", "-qam", "other training")
-    refused = script(repo, *takeover, "--root", str(tmp_path / "takeover2"), check=False)
-    assert refused.returncode == 1 and "cannot take over the run" in refused.stdout + refused.stderr
-    assert json.loads((records / "run.json").read_text()) == run
+    stops_at_the_audit_if_tampered(repo, records, tmp_path, common)
+    taken_over_by_a_later_commit(repo, records, root, common, tmp_path, tiny_built)
 
     dest = tmp_path / "published"
     script(repo, "publish", str(root / "out"), "--records", str(records), "--dest", str(dest),
@@ -177,3 +144,47 @@ def test_records_are_only_added_to_and_restore_what_they_carry(tmp_path):
     (records / "run.json").write_text(json.dumps({"takeovers": [{"code_digests": ["c0de00000001", "c0de0000000f"]}]}))
     assert sorted(fg.carried(records)) == [key.format(code="c0de00000002"), key.format(code="c0de0000000f")]
     assert fg.export(ckpts, records) == (None, 0) and fg.restore(records, ckpts) == 1
+
+
+def stops_at_the_audit_if_tampered(repo: Path, records: Path, tmp_path: Path, common: list[str]) -> None:
+    """A fresh machine whose records carry wrong digests stops at the audit, naming the trial."""
+    tampered = tmp_path / "tampered"
+    tampered.mkdir()
+    for name, data in parts(records).items():
+        text = gzip.decompress(data).decode().replace('"weights": "', '"weights": "0')
+        (tampered / name).write_bytes(gzip.compress(text.encode()))
+    for name in ("run.json", "pieces.json"):
+        (tampered / name).write_bytes((records / name).read_bytes())
+    as_other_cpu(tampered)
+    t = time.monotonic()
+    bad = script(repo, "run", "--root", str(tmp_path / "fresh"), *common[:2], "--records", str(tampered),
+                 *common[4:], check=False)  # fmt: skip
+    assert bad.returncode == 1 and time.monotonic() - t < 120
+    assert re.search(r"error: the audit's trial (pair|siamese-2|siamese-10) 8/8/16 BN on skip off, lr [0-9.]+, "
+                     r"draw \d, seed 1 \(key [0-9a-f]{16}-", bad.stdout), bad.stdout[-2000:]  # fmt: skip
+    assert "cv@pair" not in bad.stdout.split("audit")[-1]  # stopped before any training stage
+
+
+def taken_over_by_a_later_commit(
+    repo: Path, records: Path, root: Path, common: list[str], tmp_path: Path, tiny_built: Path
+) -> None:
+    """A commit whose code trains the same bytes takes over, and the run resumes every trial under it; one
+    that trains other bytes is refused and changes nothing."""
+    trials_py = repo / "digitpairs/training/trials.py"
+    original = trials_py.read_text()
+    trials_py.write_text(original + "\nSAME_BYTES = True\n")  # another code digest, the same training
+    sh(repo, "git", "commit", "-qam", "the same training, other code")
+    takeover = ["takeover", "--code", "HEAD", "--mnist", str(SHARED_MNIST), "--records", str(records)]
+    script(repo, *takeover, "--root", str(tmp_path / "takeover"))
+    run = json.loads((records / "run.json").read_text())
+    assert run["commit"] == sh(repo, "git", "rev-parse", "HEAD").stdout.strip() and len(run["takeovers"]) == 1
+    old_code, new_code = run["takeovers"][0]["code_digests"]
+    assert old_code != new_code and run["takeovers"][0]["audit"]["equal"] == 6
+    resumed = script(repo, "run", "--root", str(root), *common)
+    assert "cv@pair: resumed 2 of 2" in resumed.stderr and "cv@siamese: resumed 4 of 4" in resumed.stderr
+    assert pipeline_outputs(root) == pipeline_outputs(tiny_built)
+    trials_py.write_text(original.replace('"init"', '"init-other"'))  # other initial weights: other bytes
+    sh(repo, "git", "commit", "-qam", "other training")
+    refused = script(repo, *takeover, "--root", str(tmp_path / "takeover2"), check=False)
+    assert refused.returncode == 1 and "cannot take over the run" in refused.stdout + refused.stderr
+    assert json.loads((records / "run.json").read_text()) == run
