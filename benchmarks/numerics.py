@@ -106,7 +106,7 @@ def native_times(args: argparse.Namespace, pairs: Path) -> dict[str, float]:
 
 
 def full_study(params: dict) -> list[Trial]:
-    """The original's study: its grid (scripts/full_grid.py's FULL_GRID, on the CPU) on 10 draws for
+    """The original's study: its grid (scripts/full_grid.py's FULL_GRID) on 10 draws for
     both architectures, plus the loss-weight sweep at the grid's middle widths."""
     spec = importlib.util.spec_from_file_location("full_grid", REPO / "scripts/full_grid.py")
     grid_script = importlib.util.module_from_spec(spec)
@@ -114,8 +114,6 @@ def full_study(params: dict) -> list[Trial]:
     p = json.loads(json.dumps(params))
     for key, value in grid_script.FULL_GRID.items():
         section, name = key.split(".")
-        if key == "train.device":  # the grid, here on the CPU
-            continue
         p[section][name] = value
     trials = study.cv_trials("pair", p) + study.cv_trials("siamese", p)
     middle = dict(nbch1=32, nbch2=32, nbfch=256, batch_norm=True, skip_connections=True, lr=0.1)

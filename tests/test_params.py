@@ -257,12 +257,11 @@ def model_epochs(p: dict) -> int:
 
 
 def full_grid() -> dict:
-    """params.yaml with scripts/full_grid.py's FULL_GRID keys (on the CPU: the GPU is not the point)."""
+    """params.yaml with scripts/full_grid.py's FULL_GRID keys."""
     p = copy.deepcopy(DEFAULTS)
     for key, value in full_grid_module().FULL_GRID.items():
         section, name = key.split(".")
         p[section][name] = value
-    p["train"]["device"] = "cpu"
     return p
 
 
