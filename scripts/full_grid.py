@@ -542,6 +542,28 @@ def status(args: argparse.Namespace) -> None:
     print(f"{q['updated']}: {progress_line(q)}")
 
 
+def agreement(records: Path, ckpts: Path) -> dict:
+    """The trials both the records and another run's checkpoints ``ckpts`` hold (the default run's: its grid
+    is a subset of the full one, keyed alike but for the code digest), compared by identity: how many have
+    equal weights digests, equal scores, and which do not."""
+    ours = {json.dumps(r["row"]["trial"], sort_keys=True): r["row"] for r in carried(records).values()}
+    theirs = {json.dumps(r["row"]["trial"], sort_keys=True): r["row"] for r in checkpointed(ckpts).values()}
+    both = sorted(ours.keys() & theirs.keys())
+    weighed = [k for k in both if theirs[k].get("weights")]
+    return {"trials_in_both": len(both), "weights_compared": len(weighed),
+            "weights_equal": sum(ours[k]["weights"] == theirs[k]["weights"] for k in weighed),
+            "scores_equal": sum(ours[k]["scores"] == theirs[k]["scores"] for k in both),
+            "differ": [describe(json.loads(k)) for k in both if ours[k]["scores"] != theirs[k]["scores"] or
+                       (theirs[k].get("weights") and ours[k]["weights"] != theirs[k]["weights"])]}  # fmt: skip
+
+
+def compare(args: argparse.Namespace) -> None:
+    result = agreement(Path(args.records), Path(args.checkpoints))
+    print(json.dumps(result, indent=2))
+    if result["differ"]:
+        sys.exit(1)
+
+
 def publish(args: argparse.Namespace) -> None:
     """Runs -> --dest: the report (full_grid_report.py) of their provenance and tuning, and the grid's
     trials in the records."""
@@ -554,7 +576,7 @@ def publish(args: argparse.Namespace) -> None:
     report.write(Path(args.dest), rows, provs, tuning, "\n".join(logs), read_cv_tables(Path(args.default_cv)))
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     root = str(Path(tempfile.gettempdir()) / "digitpairs-full-grid")
@@ -580,6 +602,9 @@ def main() -> None:
     pb.add_argument("--records", default=str(RECORDS))
     pb.add_argument("--default-cv", default="data/cv", help="the default run's CV tables, for comparison.json")
     pb.add_argument("--dest", default=str(REPO / "results/full-grid"))
+    cm = sub.add_parser("compare", help="the records against another run's checkpoints, trial by trial")
+    cm.add_argument("--checkpoints", default="data/checkpoints", help="e.g. the default run's")
+    cm.add_argument("--records", default=str(RECORDS))
     tk = sub.add_parser("takeover", help="a later commit computes the rest, once a sample of the records agrees")
     tk.add_argument("--code", required=True, help="the commit to take over")
     tk.add_argument("--mnist", required=True)
@@ -591,9 +616,13 @@ def main() -> None:
         c = sub.add_parser(name, help=argparse.SUPPRESS)
         c.add_argument("--sample")
         c.add_argument("--result", required=True)
-    args = ap.parse_args()
-    commands = {"run": run, "status": status, "publish": publish, "takeover": takeover, "audit": audit_here,
-                "equivalence": equivalence_here}  # fmt: skip
+    return ap
+
+
+def main() -> None:
+    args = parser().parse_args()
+    commands = {"run": run, "status": status, "publish": publish, "takeover": takeover, "compare": compare,
+                "audit": audit_here, "equivalence": equivalence_here}  # fmt: skip
     commands[args.cmd](args)
 
 

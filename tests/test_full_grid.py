@@ -12,9 +12,12 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 from digitpairs.core import numerics
+from digitpairs.training.train import TrainConfig
+from digitpairs.training.trials import make_trial
 
 import pytest
 
@@ -130,7 +133,9 @@ def test_the_audit_samples_both_architectures_and_every_shape_first():
 
 def test_records_are_only_added_to_and_restore_what_they_carry(tmp_path):
     fg, ckpts, records = full_grid_module(), tmp_path / "ckpts", tmp_path / "records"
-    row = {"trial": {"draw": 0}, "scores": {"val": {"acc": 0.5}}, "weights": "ab" * 32}
+    widths = dict(nbch1=8, nbch2=8, nbfch=16, batch_norm=True, skip_connections=False)
+    trial = asdict(make_trial("pair", widths, TrainConfig(epochs=1), draw=0, seed=1))
+    row = {"trial": trial, "scores": {"val": {"acc": 0.5}}, "weights": "ab" * 32}
     key = "0123456789abcdef-fedcba9876543210-lockstep-cpu-t1-{code}-0a1b2c3d4e5f"
     fg.Checkpoint(ckpts / "cv-pair.jsonl").extend([row | {"key": key.format(code="c0de00000001")}])
     first, n = fg.export(ckpts, records)
@@ -144,6 +149,10 @@ def test_records_are_only_added_to_and_restore_what_they_carry(tmp_path):
     (records / "run.json").write_text(json.dumps({"takeovers": [{"code_digests": ["c0de00000001", "c0de0000000f"]}]}))
     assert sorted(fg.carried(records)) == [key.format(code="c0de00000002"), key.format(code="c0de0000000f")]
     assert fg.export(ckpts, records) == (None, 0) and fg.restore(records, ckpts) == 1
+    other = tmp_path / "other"  # another run's checkpoint of the same trial, other bytes
+    fg.Checkpoint(other / "cv-pair.jsonl").add(row | {"key": "k", "weights": "cd" * 32})
+    assert fg.agreement(records, ckpts)["differ"] == [] and fg.agreement(records, other)["weights_equal"] == 0
+    assert fg.agreement(records, other)["differ"] == ["pair 8/8/16 BN on skip off, lr 0.1, draw 0, seed 1"]
 
 
 def stops_at_the_audit_if_tampered(repo: Path, records: Path, tmp_path: Path, common: list[str]) -> None:
