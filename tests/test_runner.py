@@ -128,11 +128,11 @@ def test_progress_bar_on_a_terminal_only_and_on_stderr(pairs_dir, capsys):
 def test_checkpoint_code_digest_ignores_docstrings_and_comments():
     """A doc edit in the training code keeps every checkpoint (DVC reruns the stage, which resumes all
     its trials); a change to the code itself does not."""
-    from digitpairs.training import lockstep
+    from digitpairs.training import lockstep_kernels
     from digitpairs.training.runner import parsed_code
 
-    source = Path(lockstep.__file__).read_text()
-    edited = source.replace('"""Lockstep engine:', '"""The lockstep engine, reworded:', 1)
+    source = Path(lockstep_kernels.__file__).read_text()
+    edited = source.replace('"""The lockstep engine\'s kernels:', '"""The lockstep engine\'s kernels, reworded:', 1)
     edited = edited.replace("EPS, MOMENTUM = 1e-5, 0.1", "EPS, MOMENTUM = 1e-5, 0.1  # a new comment", 1)
     assert edited != source and parsed_code(edited) == parsed_code(source)
     changed = source.replace("EPS, MOMENTUM = 1e-5, 0.1", "EPS, MOMENTUM = 1e-5, 0.2", 1)
