@@ -7,7 +7,7 @@ Blocks (each in exactly one page): ``results`` (models_out/metrics.json); ``find
 (models_out/findings.json); ``recipe-attempts`` and ``frontier`` (results/recipe-attempts/, written by
 ``scripts/recipe_attempts.py``); ``headline`` (metrics.json and the frontier); ``faithful`` (results/faithful/,
 written by ``scripts/faithful.py``); ``full-grid``
-(results/full-grid/, written by ``scripts/gpu_full_grid.py publish``); ``repro-time``, ``cold-repro``,
+(results/full-grid/, written by ``scripts/full_grid.py publish``); ``repro-time``, ``cold-repro``,
 ``benchmark``, ``numerics`` and ``pins-cost`` (results/timings.json: what was measured, with which command, on
 which commit and machine).
 """

@@ -103,7 +103,7 @@ def run(names: list[str], root: Path = ROOT) -> None:
                 (root / out).unlink(missing_ok=True)
         print(f"Running stage '{name}':\n> {stage['cmd']}", flush=True)
         # dvc.yaml says `python`: this interpreter runs it, exec'ed by the shell, so the stage is this
-        # process's child (a signal to it stops the stage, which keeps its checkpoint: gpu_full_grid.py)
+        # process's child (a signal to it stops the stage, which keeps its checkpoint: full_grid.py)
         program, _, rest = stage["cmd"].partition(" ")
         cmd = f"exec {shlex.quote(sys.executable)} {rest}" if program == "python" else stage["cmd"]
         status = subprocess.run(cmd, shell=True, cwd=root).returncode
