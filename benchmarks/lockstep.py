@@ -30,7 +30,7 @@ from digitpairs.data.pairs import draw_path, load_draw, write_draws
 from digitpairs.training.lockstep import run_lockstep
 from digitpairs.training.models import ModelConfig
 from digitpairs.training.runner import run_trials
-from digitpairs.training.train import TrainConfig
+from digitpairs.training.semantics import TrainConfig
 from digitpairs.training.trials import Trial, make_trial
 
 import numpy as np

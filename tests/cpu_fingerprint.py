@@ -14,7 +14,7 @@ from pathlib import Path
 import digitpairs  # noqa: F401  (numeric pins before torch computes)
 from digitpairs.core import gemm, numerics
 from digitpairs.training.runner import run_trials
-from digitpairs.training.train import TrainConfig
+from digitpairs.training.semantics import TrainConfig
 from digitpairs.training.trials import make_trial
 
 import torch

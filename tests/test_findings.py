@@ -6,7 +6,7 @@ import math
 
 from digitpairs.core.stats import ci95, holm, paired, welch
 from digitpairs.report import findings
-from digitpairs.training.train import p_less_equal, shift_images
+from digitpairs.training.semantics import p_less_equal, shift_images
 
 import pandas as pd
 import pytest

@@ -16,7 +16,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from digitpairs.core import numerics
-from digitpairs.training.train import TrainConfig
+from digitpairs.training.semantics import TrainConfig
 from digitpairs.training.trials import make_trial
 
 import pytest

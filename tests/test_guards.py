@@ -243,7 +243,7 @@ TRAINING = {"cv@pair", "cv@siamese", "loss_weights", "grad_norms", "recipe", "co
     "path,expected",
     [
         ("digitpairs/report/figures.py", {"findings", "figures"}),  # one folder: report
-        ("digitpairs/training/train.py", TRAINING),
+        ("digitpairs/training/semantics.py", TRAINING),
         ("digitpairs/training/lockstep.py", TRAINING),
     ],
 )

@@ -6,11 +6,13 @@ from dataclasses import replace
 
 from digitpairs.core.variants import variant_score
 from digitpairs.data.pairs import make_draw, write_draws
-from digitpairs.training import lockstep
-from digitpairs.training.lockstep import conv1_cols, group_trials, im2col, run_lockstep
+from digitpairs.training import lockstep, lockstep_kernels
+from digitpairs.training.lockstep import group_trials, run_lockstep
+from digitpairs.training.lockstep_kernels import conv1_cols, im2col
 from digitpairs.training.runner import run_trials
-from digitpairs.training.train import TrainConfig
-from digitpairs.training.trials import Trial, make_trial, run_trial
+from digitpairs.training.semantics import TrainConfig
+from digitpairs.training.train import run_trial
+from digitpairs.training.trials import Trial, make_trial
 
 import pytest
 import torch
@@ -213,10 +215,10 @@ def test_conv_pool_relu_matches_max_pool2d_with_ties(channels, c):
     w = weight.permute(0, 3, 4, 2, 1).reshape(k, 9 * c, channels).requires_grad_()
     bs = bias.view(k, 1, channels).clone().requires_grad_()
     cols = conv1_cols(im2col(img), torch.arange(k * b).view(k, b))
-    out = lockstep._ConvPoolReLU.apply(cols, w, bs)
+    out = lockstep_kernels.ConvPoolReLU.apply(cols, w, bs)
     out.backward(upstream)
     with torch.no_grad():
-        torch.testing.assert_close(lockstep._conv_pool_relu(cols, w, bs), out, rtol=0, atol=0)
+        torch.testing.assert_close(lockstep_kernels.conv_pool_relu(cols, w, bs), out, rtol=0, atol=0)
 
     ref_w, ref_b = weight.clone().requires_grad_(), bias.clone().requires_grad_()
     x = img.view(k, b, 14, 14, c).permute(0, 1, 4, 2, 3)
@@ -240,7 +242,7 @@ def test_batch_norm_function_matches_functional():
     weight = torch.randn(k, 1, n, generator=g).requires_grad_()
     bias = torch.randn(k, 1, n, generator=g).requires_grad_()
     upstream = torch.randn(k, r, n, generator=g)
-    out, mean, var = lockstep._BatchNorm.apply(h, weight, bias)
+    out, mean, var = lockstep_kernels.BatchNorm.apply(h, weight, bias)
     out.backward(upstream)
     h2, w2, b2 = (t.detach().clone().requires_grad_() for t in (h, weight, bias))
     ref = torch.stack([F.batch_norm(h2[i], None, None, w2[i, 0], b2[i, 0], training=True) for i in range(k)])

@@ -8,7 +8,7 @@ from digitpairs.core.seeding import generator
 from digitpairs.core.variants import VARIANTS, variant_score
 from digitpairs.data.pairs import split
 from digitpairs.training.models import ModelConfig, build_model, load_model, save_model, weight_names
-from digitpairs.training.train import (
+from digitpairs.training.semantics import (
     TrainConfig,
     average_posteriors,
     check_hparams,
@@ -16,14 +16,13 @@ from digitpairs.training.train import (
     cutout_corners,
     dropout_mask,
     elastic_fields,
-    evaluate,
     resolve_device,
     shift_images,
     shifted_views,
-    train,
     warp_images,
 )
-from digitpairs.training.trials import make_trial, run_trial
+from digitpairs.training.train import evaluate, run_trial, train
+from digitpairs.training.trials import make_trial
 
 import pytest
 import torch

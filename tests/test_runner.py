@@ -128,12 +128,30 @@ def test_progress_bar_on_a_terminal_only_and_on_stderr(pairs_dir, capsys):
 def test_checkpoint_code_digest_ignores_docstrings_and_comments():
     """A doc edit in the training code keeps every checkpoint (DVC reruns the stage, which resumes all
     its trials); a change to the code itself does not."""
-    from digitpairs.training import lockstep
+    from digitpairs.training import lockstep_kernels
     from digitpairs.training.runner import parsed_code
 
-    source = Path(lockstep.__file__).read_text()
-    edited = source.replace('"""Lockstep engine:', '"""The lockstep engine, reworded:', 1)
+    source = Path(lockstep_kernels.__file__).read_text()
+    edited = source.replace('"""The lockstep engine\'s kernels:', '"""The lockstep engine\'s kernels, reworded:', 1)
     edited = edited.replace("EPS, MOMENTUM = 1e-5, 0.1", "EPS, MOMENTUM = 1e-5, 0.1  # a new comment", 1)
     assert edited != source and parsed_code(edited) == parsed_code(source)
     changed = source.replace("EPS, MOMENTUM = 1e-5, 0.1", "EPS, MOMENTUM = 1e-5, 0.2", 1)
     assert parsed_code(changed) != parsed_code(source)
+
+
+def test_checkpoints_are_keyed_by_every_training_module_an_engine_runs():
+    """RESULT_CODE names existing files, among them every module of digitpairs/training that either engine
+    imports: a new file of the training's semantics or of an engine cannot be left out of the key."""
+    from digitpairs.training.runner import RESULT_CODE
+
+    from tests.test_layout import graph
+
+    package = Path(__file__).parents[1] / "digitpairs"
+    assert all((package / name).is_file() for name in RESULT_CODE)
+    g, todo, seen = graph(), {"digitpairs.training.train", "digitpairs.training.lockstep"}, set()
+    while todo:
+        m = todo.pop()
+        seen.add(m)
+        todo |= g[m] - seen
+    training = {m.split(".", 1)[1].replace(".", "/") + ".py" for m in seen if m.startswith("digitpairs.training.")}
+    assert training <= set(RESULT_CODE)

@@ -49,7 +49,7 @@ def _array(t: torch.Tensor) -> np.ndarray:
 
 def bmm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """``a @ b`` for ``[K, m, k] @ [K, k, n]`` (any strides), into ``out`` if given (row-major, or the
-    transpose of a row-major tensor, as ``lockstep._maps`` makes)."""
+    transpose of a row-major tensor, as ``lockstep_kernels._maps`` makes)."""
     if a.device.type != "cpu" or backend() == "mkl":
         return torch.bmm(a, b, out=out)
     if out is None:

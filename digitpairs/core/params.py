@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from digitpairs.core.numerics import MODES as NUMERICS
-from digitpairs.core.variants import STUDY_VARIANTS, VARIANTS
+from digitpairs.core.variants import STUDY_VARIANTS, VARIANTS, additions
 
 GRID_KEYS = ("nbch1", "nbch2", "nbfch", "batch_norm", "skip_connections", "lr")
 # Images in MNIST's official splits (torchvision checks the files' MD5s, so these never vary;
@@ -27,7 +27,7 @@ EXPONENT_RANGE = (-10.0, 10.0)
 DPI_RANGE = (20, 600)
 # Layer widths: far above the study's grid, low enough that one model fits in memory.
 MAX_WIDTH = 4096
-# siamese-plus's augmentations (digitpairs.training.train), in pixels of a 14 x 14 digit image: a shift
+# siamese-plus's augmentations (digitpairs.training.semantics), in pixels of a 14 x 14 digit image: a shift
 # of up to MAX_SHIFT (also the test-time shifts' bound); a cutout's side; an elastic distortion's strength
 # and its field's Gaussian width.
 MAX_SHIFT = 4
@@ -146,7 +146,7 @@ def _list_of(item_check: Check) -> Check:
 
 ENGINES = ("lockstep", "loop")  # train.engine (digitpairs.training.runner)
 DEVICES = ("cpu", "cuda")  # train.device
-SCHEDULES = ("constant", "cosine")  # recipe.schedule (digitpairs.training.train.lr_factor)
+SCHEDULES = ("constant", "cosine")  # recipe.schedule (digitpairs.training.semantics.lr_factor)
 EXECUTORS = ("local", "ray")  # cv/loss_weights/recipe/train.executor
 ERROR_BARS = ("group", "grid")  # figures.error_bars: ours (n = the group's size) or the original's
 ENGINE = _choice(*ENGINES)
@@ -225,13 +225,10 @@ def trainings(params: dict) -> dict[str, int]:
     d, t, cv, lw, r = (params[s] for s in ("data", "train", "cv", "loss_weights", "recipe"))
     study = len(STUDY_VARIANTS)
     # the ablation's rows: the full recipe, the study's SGD, and one per addition the recipe makes
-    additions = [r["momentum"], r["nesterov"], r["weight_decay"], r["schedule"] != "constant"]
-    additions += [r["label_smoothing"], r["shift"], r["elastic"], r["batch_size"] != t["batch_size"]]
-    additions += [r["cutout"], r["dropout"], r["ema"], r["tta"]]
+    ablation = 2 + len(additions(r, t["batch_size"]))
     return {
         "cv": math.prod(len(cv[k]) for k in GRID_KEYS) * study * cv["n_draws"],
-        "recipe": math.prod(len(r[k]) for k in GRID_KEYS) * r["n_draws"]
-        + (2 + sum(map(bool, additions))) * r["ablation_draws"],
+        "recipe": math.prod(len(r[k]) for k in GRID_KEYS) * r["n_draws"] + ablation * r["ablation_draws"],
         "controls": d["n_draws"] + study * (d["n_draws"] - cv["n_draws"]),
         "loss_weights": (len(lw["exponents"]) + lw["include_zero"]) * lw["n_draws"],
         "grad_norms": GRAD_NORM_TRIALS,

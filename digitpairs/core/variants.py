@@ -9,7 +9,9 @@ Plain data with no torch import, so the figures stage does not depend on the tra
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -36,6 +38,23 @@ VARIANTS = {
 }
 # siamese-plus's ablation: the row of the full recipe, and the row of none of its additions
 ALL_ADDITIONS, NO_ADDITIONS = "all additions", "none (the study's SGD)"
+# siamese-plus's additions to the study's training, in the ablation's row order: the name of the row that
+# drops one, its key (in params.yaml's recipe section and TrainConfig) and the study's value of that key
+# (batch_size: train.batch_size). The recipe makes an addition when its value differs from the study's.
+ADDITIONS = (
+    ("no momentum", "momentum", 0.0),
+    ("no Nesterov", "nesterov", False),
+    ("no weight decay", "weight_decay", 0.0),
+    ("constant lr", "schedule", "constant"),
+    ("no label smoothing", "label_smoothing", 0.0),
+    ("no shifts", "shift", 0),
+    ("no elastic distortions", "elastic", 0.0),
+    ("batch size {}", "batch_size", None),
+    ("no cutout", "cutout", 0),
+    ("no dropout", "dropout", 0.0),
+    ("no weight averaging", "ema", 0.0),
+    ("no test-time shifts", "tta", 0),
+)
 STUDY_VARIANTS = tuple(v.name for v in VARIANTS.values() if v.in_grid)
 # the architectures of the grid, one cross-validation stage and table each (cv@pair, cv@siamese)
 GRID_ARCHS = tuple(dict.fromkeys(v.arch for v in VARIANTS.values() if v.in_grid))
@@ -49,3 +68,15 @@ def variants_of(arch: str) -> list[Variant]:
 def variant_score(variant: str, scores: dict[str, float]) -> float:
     """The accuracy that the study reports for ``variant`` from an ``evaluate`` result."""
     return scores[VARIANTS[variant].metric]
+
+
+def additions(recipe: Mapping[str, Any], study_batch_size: int) -> list[tuple[str, str, Any]]:
+    """The :data:`ADDITIONS` that ``recipe`` (params.yaml's recipe section, or a training's settings)
+    makes: ``(ablation row, key, the study's value)`` each, in the ablation's order."""
+    made = []
+    for row, key, study in ADDITIONS:
+        if key == "batch_size":
+            row, study = row.format(study_batch_size), study_batch_size
+        if recipe[key] != study:
+            made.append((row, key, study))
+    return made

@@ -13,7 +13,7 @@ import warnings
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from contextlib import closing
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from functools import lru_cache
 from hashlib import sha256
 from multiprocessing import get_context
@@ -24,7 +24,8 @@ from digitpairs.core.io import StageError, replacing
 from digitpairs.core.params import ENGINES, EXECUTORS
 from digitpairs.data.pairs import Draw, draw_path, existing_draw, load_draw
 from digitpairs.training.models import weights_digest
-from digitpairs.training.trials import Outcome, Trial, run_trial
+from digitpairs.training.train import run_trial
+from digitpairs.training.trials import Outcome, Trial
 
 import torch
 from tqdm import tqdm
@@ -32,11 +33,14 @@ from tqdm import tqdm
 # Source files whose code decides a trial's result: a checkpoint written by other code is stale.
 RESULT_CODE = (
     "core/gemm.py",
-    "training/models.py",
-    "training/train.py",
-    "training/trials.py",
-    "training/lockstep.py",
     "core/seeding.py",
+    "training/models.py",
+    "training/trials.py",
+    "training/semantics.py",
+    "training/train.py",
+    "training/lockstep.py",
+    "training/lockstep_models.py",
+    "training/lockstep_kernels.py",
 )
 # Torch threads per job, on every executor and whatever the number of jobs or CPUs: a float
 # reduction split over a different number of threads can round differently, and then a resumed
@@ -63,7 +67,7 @@ def code_digest() -> str:
     h = sha256(torch.__version__.encode())
     for name in RESULT_CODE:
         f = Path(__file__).parents[1] / name  # relative to the package root
-        h.update(name.encode() + (parsed_code(f.read_text()).encode() if f.exists() else b""))
+        h.update(name.encode() + parsed_code(f.read_text()).encode())
     return h.hexdigest()[:12]
 
 
@@ -302,15 +306,7 @@ def run_trials(
         raise ValueError("a checkpoint keeps scores only: it cannot resume runs that keep states or gradient norms.")
     ckpt = Checkpoint(checkpoint) if checkpoint else None
     ckey = _CheckpointKey(Path(pairs_dir), engine, device, threads)
-    by_key: dict[str, Outcome] = {}
-    todo = []
-    for t in trials:
-        if ckpt and ckey(t) in ckpt.done:
-            row = ckpt.done[ckey(t)]
-            by_key[t.key()] = Outcome(t, row["scores"], weights=row.get("weights"))
-        else:
-            todo.append(t)
-    todo = list({t.key(): t for t in todo}.values())  # identical trials train once
+    by_key, todo = _resume(trials, ckpt, ckey)
     if ckpt:
         print(f"{desc}: resumed {len(by_key)} of {len(by_key) + len(todo)} trials from {ckpt.path}", file=sys.stderr)
     jobs = make_jobs(todo, engine, batch)
@@ -334,6 +330,22 @@ def run_trials(
     return [by_key[t.key()] for t in trials]
 
 
+def _resume(
+    trials: list[Trial], ckpt: Checkpoint | None, ckey: _CheckpointKey
+) -> tuple[dict[str, Outcome], list[Trial]]:
+    """The outcomes ``ckpt`` already holds, by trial key (scores and weights digest only), and the trials
+    still to train, each once however often it is listed."""
+    done: dict[str, Outcome] = {}
+    todo = []
+    for t in trials:
+        if ckpt and ckey(t) in ckpt.done:
+            row = ckpt.done[ckey(t)]
+            done[t.key()] = Outcome(t, row["scores"], weights=row.get("weights"))
+        else:
+            todo.append(t)
+    return done, list({t.key(): t for t in todo}.values())
+
+
 class _CheckpointKey:
     """A checkpoint entry is valid only for the same trial, data, engine, device, threads, code and
     numeric settings (pins, library versions: :func:`numerics.fingerprint`)."""
@@ -352,18 +364,17 @@ class _CheckpointKey:
 
 def _execute(fn: _JobFn, jobs: list, todo: list[Trial], executor: str, workers: int | None, threads: int) -> Iterable:
     """The jobs' outcomes as they finish, on Ray or in local processes (on CUDA, one)."""
-    cuda = fn.args[2] == "cuda"
+    cuda = fn.device == "cuda"
     if executor == "ray":
         from digitpairs.training.ray_executor import ray_map
 
-        pairs_dir = fn.args[0]
         return ray_map(
             fn,
             jobs,
             threads=threads,
             gpus=1 if cuda else 0,
             cpus=cpu_count(),
-            shared={d: _draw(pairs_dir, d) for d in {t.draw for t in todo}},
+            shared={d: _draw(fn.pairs_dir, d) for d in {t.draw for t in todo}},
             needs=lambda job: sorted({t.draw for t in job}),
         )
     if workers is None:
@@ -385,11 +396,18 @@ def _kept(trials: list[Trial], ckpt: Checkpoint | None, ckey: _CheckpointKey, de
     return f"{desc}: {n} of {total} trials are checkpointed in {ckpt.path}; `dvc repro` resumes from there."
 
 
+@dataclass(frozen=True)
 class _JobFn:
-    """A picklable ``(job, draws=None) -> outcomes`` function for process pools and Ray."""
+    """A picklable ``(job, draws=None) -> outcomes`` function for process pools and Ray: :func:`run_job`
+    with the run's settings."""
 
-    def __init__(self, pairs_dir: str, engine: str, device: str, grad_norms: bool, keep_state: bool) -> None:
-        self.args = (pairs_dir, engine, device, grad_norms, keep_state)
+    pairs_dir: str
+    engine: str
+    device: str
+    record_grad_norms: bool
+    keep_state: bool
 
     def __call__(self, job: list[Trial], draws: dict[int, Draw] | None = None) -> list[Outcome]:
-        return run_job(job, *self.args, draws=draws)
+        return run_job(
+            job, self.pairs_dir, self.engine, self.device, self.record_grad_norms, self.keep_state, draws=draws
+        )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from digitpairs.core.params import GRID_KEYS
@@ -17,11 +17,12 @@ from digitpairs.core.variants import (
     PLUS,
     STUDY_VARIANTS,
     VARIANTS,
+    additions,
     variant_score,
     variants_of,
 )
 from digitpairs.training.runner import run_trials
-from digitpairs.training.train import TrainConfig, resolve_device
+from digitpairs.training.semantics import TrainConfig, resolve_device
 from digitpairs.training.trials import Outcome, Trial, make_trial
 
 import pandas as pd
@@ -155,33 +156,14 @@ def recipe_trials(params: dict) -> list[Trial]:
 
 
 def ablations(tc: TrainConfig, study_batch_size: int) -> dict[str, TrainConfig]:
-    """The selected recipe without one addition at a time (only those it uses). Without momentum the
-    lr is divided by (1 - momentum), so each step still moves as far."""
+    """The selected recipe without one addition at a time (only those it makes: ``core.variants.ADDITIONS``).
+    Without momentum there is no Nesterov either, and the lr is divided by (1 - momentum), so each step
+    still moves as far."""
     out = {}
-    if tc.momentum:
-        out["no momentum"] = replace(tc, momentum=0.0, nesterov=False, lr=tc.lr / (1 - tc.momentum))
-    if tc.nesterov:
-        out["no Nesterov"] = replace(tc, nesterov=False)
-    if tc.weight_decay:
-        out["no weight decay"] = replace(tc, weight_decay=0.0)
-    if tc.schedule != "constant":
-        out["constant lr"] = replace(tc, schedule="constant")
-    if tc.label_smoothing:
-        out["no label smoothing"] = replace(tc, label_smoothing=0.0)
-    if tc.shift:
-        out["no shifts"] = replace(tc, shift=0)
-    if tc.elastic:
-        out["no elastic distortions"] = replace(tc, elastic=0.0)
-    if tc.batch_size != study_batch_size:
-        out[f"batch size {study_batch_size}"] = replace(tc, batch_size=study_batch_size)
-    if tc.cutout:
-        out["no cutout"] = replace(tc, cutout=0)
-    if tc.dropout:
-        out["no dropout"] = replace(tc, dropout=0.0)
-    if tc.ema:
-        out["no weight averaging"] = replace(tc, ema=0.0)
-    if tc.tta:
-        out["no test-time shifts"] = replace(tc, tta=0)
+    for row, key, study in additions(asdict(tc), study_batch_size):
+        out[row] = replace(tc, **{key: study})
+        if key == "momentum":
+            out[row] = replace(out[row], nesterov=False, lr=tc.lr / (1 - tc.momentum))
     return out
 
 

@@ -1,4 +1,5 @@
-"""One trial = one model variant trained on one draw; the unit every stage and executor runs."""
+"""One trial = one model variant trained on one draw; the unit every stage and executor runs, and what
+either engine leaves of it (:class:`Outcome`)."""
 
 from __future__ import annotations
 
@@ -8,9 +9,8 @@ from dataclasses import asdict, astuple, dataclass
 
 from digitpairs.core.seeding import generator
 from digitpairs.core.variants import VARIANTS
-from digitpairs.data.pairs import Draw, split
 from digitpairs.training.models import ModelConfig, build_model
-from digitpairs.training.train import Generators, TrainConfig, TrainResult, evaluate, train
+from digitpairs.training.semantics import Generators, TrainConfig, TrainResult
 
 import torch
 from torch import nn
@@ -72,28 +72,3 @@ class Outcome:
         net = build_model(self.trial.model, torch.Generator())
         net.load_state_dict(self.state)
         return net.eval()
-
-
-def run_trial(
-    trial: Trial,
-    draw: Draw,
-    device: torch.device | str = "cpu",
-    record_grad_norms: bool = False,
-) -> Outcome:
-    """Build, train and score one trial with the per-model loop; scores are per split."""
-    model = build_model(trial.model, trial.init_generator()).to(device)
-    x, t, c = split(draw, "train")
-    result = train(
-        model,
-        trial.model.arch,
-        x,
-        t,
-        c,
-        trial.train,
-        trial.shuffle_generator(),
-        record_grad_norms,
-        trial.generators(),
-    )
-    scores = {s: evaluate(model, trial.model.arch, *split(draw, s), tta=trial.train.tta) for s in ("val", "test")}
-    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    return Outcome(trial, scores, result, state)
