@@ -55,9 +55,11 @@ def check(root: Path) -> str:
         with Repo(str(root)).lock:  # DVC's repository lock: no DVC command runs while this holds it
             held = entries(json.loads(path.read_text() or "{}"))
             live = [e for e in held if running(e)]
+            if not held:  # what every DVC command leaves when it ends: nothing held
+                return ""
             if not live:
                 path.unlink()
-                names = ", ".join(sorted({f"`{e.get('cmd')}` (PID {e.get('pid')})" for e in held})) or "no command"
+                names = ", ".join(sorted({f"`{e.get('cmd')}` (PID {e.get('pid')})" for e in held}))
                 return f"removed {RWLOCK}, the lock of DVC command(s) killed before they could release it: {names}"
     except (LockError, ValueError) as err:  # another DVC command holds the repository, or the file is not JSON
         return f"{RWLOCK} is held or unreadable ({err}); if no DVC command is running here: `rm {RWLOCK}`"
