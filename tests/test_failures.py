@@ -248,8 +248,8 @@ def test_uncached_outputs_survive_a_failed_stage_in_an_uncommitted_workspace(tin
     workspace: not in DVC's cache, not in git HEAD (which has the committed run's). A corrupt model under
     `dvc repro -s evaluate` must leave them as they are (dvc.yaml persists them) and name no fix that fails."""
     repo = copy(tiny_built, tmp_path)
-    set_params(repo, {"recipe": {"tta": 1}})  # evaluate's scores change; so do metrics.json and test_accuracy.json
-    dvc(repo, "repro")
+    set_params(repo, {"recipe": {"tta": 1}})  # siamese-plus's scores change, so do metrics.json and test_accuracy.json
+    dvc(repo, "repro", "-s", "evaluate")  # the one stage: the others that read recipe.tta would retrain
     metrics = ("models_out/metrics.json", "models_out/test_accuracy.json")
     changed = sh(repo, "git", "status", "--porcelain").stdout
     assert all(m in changed for m in metrics), changed  # the workspace's run is not git HEAD's
@@ -300,6 +300,7 @@ def test_a_ray_address_that_accepts_and_never_answers_ends_with_one_line(tiny_bu
     repo = copy(tiny_built, tmp_path)
     before = snapshot(repo)
     set_params(repo, {"cv": {"executor": "ray"}})
+    (repo / "data/checkpoints/cv-pair.jsonl").unlink()  # else every trial resumes and Ray is never needed
     listener = SilentListener()
     address = f"127.0.0.1:{listener.port}"
     try:

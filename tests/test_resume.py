@@ -121,44 +121,27 @@ def test_sigint_then_sigkill_then_resume_gives_the_same_csv(repo):
     )
 
 
-def test_corrupt_lines_are_recomputed_and_a_new_grid_value_trains_only_its_trials(repo):
-    repo, reference, _ = repo
-    if lines(repo) != N:
-        fresh(repo)
-        cv_pair(repo)
-    path = repo / CKPT
-    text = path.read_text().splitlines()
-    text[3] = text[3].replace('"accuracy": 0.', '"accuracy": 0.0', 1)  # checksum no longer matches
-    path.write_text("\n".join(text) + "\n" + text[5][: len(text[5]) // 2])  # and a torn last line
-    set_params(repo, {"cv": {"lr": GRID["cv"]["lr"] + [1.0]}})
-    try:
-        err, _ = cv_pair(repo)
-    finally:
-        set_params(repo, {"cv": GRID["cv"]})
-    assert "2 corrupt or truncated checkpoint line(s) ignored" in err
-    assert resumed(err) == (N - 1, N + N // 4)  # line 3 and the lr=1.0 trials are trained
-    table = pd.read_csv(repo / CSV)
-    old = table[table["lr"] != 1.0].reset_index(drop=True)
-    pd.testing.assert_frame_equal(old, pd.read_csv(io.BytesIO(reference)), check_exact=True)
-    assert len(table) == N + N // 4
-
-
 def test_a_killed_dvc_repro_leaves_a_lock_that_make_repro_removes_then_it_resumes(repo, tiny_built, tmp_path):
     """SIGKILL to `dvc repro` and its stage (a lost machine, the OOM killer) mid-stage. DVC skips a lock entry
     whose process id is gone, but not one whose id another program has taken since (after a reboot, in a
     container): a `sleep` stands for it here. DVC then refuses to start; scripts/stale_lock.py removes the lock."""
-    _, reference, _ = repo
+    done_repo, reference, _ = repo
+    if lines(done_repo) != N:  # the uninterrupted run's checkpoint, whole
+        fresh(done_repo)
+        cv_pair(done_repo)
     work = copy_repo(tiny_built, tmp_path / "repo")
     set_params(work, GRID)
     fresh(work)
+    first = (done_repo / CKPT).read_text().splitlines(keepends=True)[: N - 4]
+    (work / CKPT).write_text("".join(first))  # 4 trials left to train: the stage is killed among them
     proc = start_dvc(work, "repro", "-s", "cv@pair")
     deadline = time.monotonic() + 120
-    while lines(work) < 2 and proc.poll() is None and time.monotonic() < deadline:
+    while lines(work) < N - 3 and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.communicate()
     kept = lines(work)
-    assert 2 <= kept < N and not (work / CSV).exists()
+    assert N - 3 <= kept < N and not (work / CSV).exists()
     rwlock = work / ".dvc/tmp/rwlock"
     other = subprocess.Popen(["sleep", "120"])
     try:
@@ -179,3 +162,25 @@ def test_a_killed_dvc_repro_leaves_a_lock_that_make_repro_removes_then_it_resume
     assert total == N and kept <= done < N
     assert (work / CSV).read_bytes() == reference
     assert sh(work, sys.executable, "scripts/stale_lock.py").stderr == ""  # nothing left to say
+
+
+def test_corrupt_lines_are_recomputed_and_a_new_grid_value_trains_only_its_trials(repo):
+    repo, reference, _ = repo
+    if lines(repo) != N:
+        fresh(repo)
+        cv_pair(repo)
+    path = repo / CKPT
+    text = path.read_text().splitlines()
+    text[3] = text[3].replace('"accuracy": 0.', '"accuracy": 0.0', 1)  # checksum no longer matches
+    path.write_text("\n".join(text) + "\n" + text[5][: len(text[5]) // 2])  # and a torn last line
+    set_params(repo, {"cv": {"lr": GRID["cv"]["lr"] + [1.0]}})
+    try:
+        err, _ = cv_pair(repo)
+    finally:
+        set_params(repo, {"cv": GRID["cv"]})
+    assert "2 corrupt or truncated checkpoint line(s) ignored" in err
+    assert resumed(err) == (N - 1, N + N // 4)  # line 3 and the lr=1.0 trials are trained
+    table = pd.read_csv(repo / CSV)
+    old = table[table["lr"] != 1.0].reset_index(drop=True)
+    pd.testing.assert_frame_equal(old, pd.read_csv(io.BytesIO(reference)), check_exact=True)
+    assert len(table) == N + N // 4
