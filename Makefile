@@ -43,7 +43,9 @@ verify-quick: install
 check: install
 	$(PY) scripts/check_outputs.py
 
+# scripts/stale_lock.py first: the lock a killed `dvc repro` left would stop this one (docs/resume.md).
 repro: install
+	$(PY) scripts/stale_lock.py
 	dvc repro
 	$(PY) -m stages.figures --vendor-js
 

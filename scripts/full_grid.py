@@ -45,8 +45,7 @@ from digitpairs.core.variants import GRID_ARCHS, STUDY_VARIANTS, variant_score, 
 from digitpairs.training import study  # noqa: E402
 from digitpairs.training.models import ModelConfig  # noqa: E402
 from digitpairs.training.runner import Checkpoint, code_digest, run_trials  # noqa: E402
-# TrainConfig by the name every commit of the run may have (the run computes with an earlier commit's package)
-from digitpairs.training.train import TrainConfig  # noqa: E402
+from digitpairs.training.train import TrainConfig  # noqa: E402 (the name every commit of a run has)
 from digitpairs.training.trials import Trial, make_trial  # noqa: E402
 
 import full_grid_report as report  # noqa: E402

@@ -74,6 +74,12 @@ def outputs(stage: dict) -> list[str]:
     return paths(stage.get("outs", []) + stage.get("metrics", []) + stage.get("plots", []))
 
 
+def removed(stage: dict) -> list[str]:
+    """The outputs ``dvc repro`` deletes before the stage's command: all but those marked ``persist: true``."""
+    entries = stage.get("outs", []) + stage.get("metrics", []) + stage.get("plots", [])
+    return [e for e in paths(entries) if not any(isinstance(x, dict) and x.get(e, {}).get("persist") for x in entries)]
+
+
 def ordered(root: Path = ROOT) -> dict[str, dict]:
     """Every stage of ``root``/dvc.yaml, each after the stages whose outputs it depends on."""
     spec = yaml.safe_load((root / "dvc.yaml").read_text())["stages"]
@@ -96,7 +102,7 @@ def run(names: list[str], root: Path = ROOT) -> None:
     for name, stage in stages.items():
         if names and name not in names:
             continue
-        for out in outputs(stage):
+        for out in removed(stage):
             if (root / out).is_dir():
                 shutil.rmtree(root / out)
             else:

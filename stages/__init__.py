@@ -7,9 +7,37 @@ Results then always come from the code whose hashes dvc.lock records. The check 
 other set-up into one clear error instead of a silent run of other code.
 """
 
+import os
 import signal
 import sys
 from pathlib import Path
+
+
+def _failed_early(kind: type, err: BaseException, tb) -> None:
+    """Whatever escapes before ``run_stage`` takes over (an import that fails: a broken install, a missing
+    shared library, an address-space limit too small for torch) ends as every other failure does: one
+    line, the outputs DVC deleted put back, a non-zero status (digitpairs.core.io.fail_unhandled). Python
+    calls this instead of printing a traceback; it exits itself, since SystemExit is not allowed here."""
+    try:
+        from digitpairs.core.io import fail_unhandled
+
+        fail_unhandled(err)
+    except SystemExit as done:
+        status = done.code if isinstance(done.code, int) else 1
+    except BaseException as again:  # the failure path itself cannot load: say so, in one line all the same
+        first = (str(err).strip().splitlines() or [""])[0][:300]
+        print(
+            f"error: {sys.argv[0]} failed while starting: {type(err).__name__}: {first}; its outputs were not "
+            f"put back ({type(again).__name__}: {again}): `dvc checkout` restores the cached ones",
+            file=sys.stderr,
+        )
+        status = 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
+
+
+sys.excepthook = _failed_early
 
 
 def _defer(signum, frame) -> None:

@@ -65,17 +65,18 @@ def dvc(cwd: Path, *args: str, check: bool = True, **extra: str) -> subprocess.C
 POOL_CPUS = 2  # a stage run by start_dvc sees this many CPUs: a pool of 2 workers wherever the machine has 2
 
 
-def start_dvc(cwd: Path, *args: str, **extra: str) -> subprocess.Popen:
+def start_dvc(cwd: Path, *args: str, limit_kib: int = 0, **extra: str) -> subprocess.Popen:
     """`dvc <args>` in the background, as a terminal's foreground job: its own session and process group,
     SIGINT at its default, on POOL_CPUS CPUs (a stage's pool size follows its CPUs); output merged.
-    Ended by :func:`finish`."""
+    ``limit_kib``: run it as `ulimit -v <limit_kib> && dvc <args>` in a shell. Ended by :func:`finish`."""
 
     def child() -> None:
         signal.signal(signal.SIGINT, signal.SIG_DFL)
         os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:POOL_CPUS])
 
+    limit = ["sh", "-c", f'ulimit -v {limit_kib} && exec "$@"', "sh"] if limit_kib else []
     return subprocess.Popen(
-        [str(Path(sys.executable).parent / "dvc"), *args],
+        [*limit, str(Path(sys.executable).parent / "dvc"), *args],
         cwd=cwd,
         env=env(**extra),
         stdout=subprocess.PIPE,

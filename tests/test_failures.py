@@ -23,8 +23,10 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -200,6 +202,123 @@ def test_sigterm_while_the_stage_is_still_importing_restores_too(tiny_built, tmp
     assert "exited with 143" in out, out
     assert snapshot(repo) == before
     assert sh(repo, "git", "status", "--porcelain").stdout == ""  # metrics.json (git-tracked) back too
+
+
+def one_error(log: str) -> str:
+    """The one `error:` line of a failed command's output, which must hold no traceback."""
+    assert "Traceback" not in log, log
+    errors = [line for line in log.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, log
+    return errors[0]
+
+
+ADDRESS_SPACE_KIB = 1_500_000  # `ulimit -v` too small to map torch's library, enough for Python, DVC and pandas
+
+
+@pytest.mark.parametrize("cause", ["missing module", "ulimit -v"])
+def test_a_stage_that_fails_while_importing_ends_with_one_line_and_loses_nothing(tiny_built, tmp_path, cause):
+    """Before run_stage takes over, the stage imports torch: a missing module (a shadowing package on
+    PYTHONPATH, as a broken install leaves one) or an address-space limit (real: `ulimit -v` around dvc) fails
+    there. One line naming the cause, exit status 1, every output byte-identical."""
+    repo = copy(tiny_built, tmp_path)
+    before = snapshot(repo)
+    extra, limit, said = {}, 0, "ModuleNotFoundError: No module named 'torch'"
+    if cause == "missing module":
+        (tmp_path / "shadow" / "torch").mkdir(parents=True)
+        (tmp_path / "shadow" / "torch" / "__init__.py").write_text(
+            "raise ModuleNotFoundError(\"No module named 'torch'\", name='torch')\n"
+        )
+        extra["PYTHONPATH"] = str(tmp_path / "shadow")
+    else:
+        limit, said = ADDRESS_SPACE_KIB, f"(`ulimit -v {ADDRESS_SPACE_KIB}`), too little for it: raise the limit"
+    started = time.monotonic()
+    proc = start_dvc(repo, "repro", "-f", "-s", "evaluate", limit_kib=limit, **extra)
+    log = finish(proc, FAILS_WITHIN_S, started)
+    print(f"\n{cause}: `dvc repro -s evaluate` failed in {time.monotonic() - started:.1f} s")
+    assert proc.returncode != 0 and ran(log) == {"evaluate"}, log
+    line = one_error(log)
+    assert line.startswith("error: evaluate failed: ") and said in line, line
+    assert "exited with 1" in log and "could not restore" not in line, log
+    assert snapshot(repo) == before
+    assert sh(repo, "git", "status", "--porcelain").stdout == ""
+
+
+def test_uncached_outputs_survive_a_failed_stage_in_an_uncommitted_workspace(tiny_built, tmp_path):
+    """After `dvc repro` with changed params, not committed, the metrics (cache: false) exist nowhere but in the
+    workspace: not in DVC's cache, not in git HEAD (which has the committed run's). A corrupt model under
+    `dvc repro -s evaluate` must leave them as they are (dvc.yaml persists them) and name no fix that fails."""
+    repo = copy(tiny_built, tmp_path)
+    set_params(repo, {"recipe": {"tta": 1}})  # siamese-plus's scores change, so do metrics.json and test_accuracy.json
+    dvc(repo, "repro", "-s", "evaluate")  # the one stage: the others that read recipe.tta would retrain
+    metrics = ("models_out/metrics.json", "models_out/test_accuracy.json")
+    changed = sh(repo, "git", "status", "--porcelain").stdout
+    assert all(m in changed for m in metrics), changed  # the workspace's run is not git HEAD's
+    before = snapshot(repo, skip="models_out/models/pair/draw_00.safetensors")
+    garbage(repo / "models_out/models/pair/draw_00.safetensors")
+    started = time.monotonic()
+    proc = start_dvc(repo, "repro", "-s", "evaluate")
+    log = finish(proc, FAILS_WITHIN_S, started)
+    assert proc.returncode != 0 and ran(log) == {"evaluate"}, log
+    line = one_error(log)
+    assert "dvc checkout --force models_out/models" in line and "could not restore" not in line, line
+    assert snapshot(repo, skip="models_out/models/pair/draw_00.safetensors") == before
+    assert sh(repo, "git", "status", "--porcelain").stdout == changed
+
+
+class SilentListener:
+    """A TCP server on 127.0.0.1 that accepts every connection and never sends a byte (a wrong service, a
+    stopped head, a proxy); it records where each connection came from."""
+
+    def __init__(self) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.peers: list[str] = []
+        self.open: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, peer = self.sock.accept()
+            except OSError:  # closed
+                return
+            self.open.append(conn)
+            self.peers.append(peer[0])
+
+    def close(self) -> None:
+        for conn in [self.sock, *self.open]:
+            conn.close()
+
+
+@pytest.mark.system  # with the other Ray tests
+def test_a_ray_address_that_accepts_and_never_answers_ends_with_one_line(tiny_built, tmp_path):
+    """Ray alone waits for ever on such an address (a warning every 30 s). The stage gives up after
+    ANSWER_TIMEOUT_S with one line naming the address and the fix, puts its outputs back, and only ever
+    connected to the address as given, on loopback."""
+    from digitpairs.training.ray_executor import ANSWER_TIMEOUT_S
+
+    repo = copy(tiny_built, tmp_path)
+    before = snapshot(repo)
+    set_params(repo, {"cv": {"executor": "ray"}})
+    (repo / "data/checkpoints/cv-pair.jsonl").unlink()  # else every trial resumes and Ray is never needed
+    listener = SilentListener()
+    address = f"127.0.0.1:{listener.port}"
+    try:
+        started = time.monotonic()
+        proc = start_dvc(repo, "repro", "-s", "cv@pair", RAY_ADDRESS=address)
+        log = finish(proc, FAILS_WITHIN_S, started)
+        seconds = time.monotonic() - started
+    finally:
+        listener.close()
+    print(f"\nsilent Ray address: `dvc repro -s cv@pair` failed in {seconds:.1f} s")
+    assert proc.returncode != 0 and ran(log) == {"cv@pair"}, log
+    assert seconds >= ANSWER_TIMEOUT_S, log
+    line = one_error(log)
+    said = f"error: RAY_ADDRESS={address}: {address} accepts connections but nothing there answers as a Ray head"
+    assert line.startswith(said), line
+    assert "unset RAY_ADDRESS" in line and "could not restore" not in line, line
+    assert listener.peers and set(listener.peers) == {"127.0.0.1"}, listener.peers
+    assert snapshot(repo) == before
 
 
 def test_missing_pair_draws_name_the_fix(tiny_built, tmp_path):

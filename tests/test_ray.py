@@ -116,6 +116,29 @@ def test_an_address_where_nothing_listens_fails_within_the_timeout():
     assert ray_executor._hostport("[::1]:6379") == ("::1", 6379)
 
 
+def test_a_driver_told_loopback_stays_on_loopback():
+    """Ray replaces 127.0.0.1 by this machine's network address, for the head it connects to and for the
+    driver's own; ray_map keeps both on loopback (in a fresh process, where ray is not imported yet, as in a
+    stage), and leaves any other address to Ray."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from digitpairs.training.ray_executor import _keep_loopback; _keep_loopback(sys.argv[1]); "
+        "from ray._private import services; "
+        "print(services.canonicalize_bootstrap_address(sys.argv[1]), services.get_node_ip_address())"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"}
+    for address, expect in [
+        ("127.0.0.1:6379", "127.0.0.1:6379 127.0.0.1"),
+        ("localhost:6379", "127.0.0.1:6379 127.0.0.1"),
+    ]:
+        out = subprocess.run([sys.executable, "-c", code, address], env=env, capture_output=True, text=True, check=True)
+        assert out.stdout.split() == expect.split(), out.stderr
+    out = subprocess.run([sys.executable, "-c", code, "192.0.2.7:6379"], env=env, capture_output=True, text=True)
+    assert out.stdout.split()[0] == "192.0.2.7:6379", out.stderr
+
+
 def test_the_runtime_environment_carries_the_pins_and_the_package():
     from digitpairs.core import numerics
     from digitpairs.training.ray_executor import runtime_env

@@ -1,10 +1,13 @@
 """A real `python -m stages.cv pair`, interrupted (Ctrl-C, SIGKILL), resumes from its checkpoint
 and writes the same CSV, byte for byte, as an uninterrupted run, training only what is missing.
-Ctrl-C ends the stage with one line saying what is kept and how to resume, and exit status 130."""
+Ctrl-C ends the stage with one line saying what is kept and how to resume, and exit status 130.
+A `dvc repro` SIGKILLed mid-stage leaves DVC's lock file behind; `make repro`'s first step
+(scripts/stale_lock.py) removes it with one line, and `dvc repro` resumes."""
 
 from __future__ import annotations
 
 import io
+import json
 import os
 import re
 import signal
@@ -15,7 +18,7 @@ import time
 import pandas as pd
 import pytest
 
-from tests.e2e import TINY, copy_repo, env, set_params, sh
+from tests.e2e import TINY, copy_repo, dvc, env, set_params, sh, start_dvc
 
 pytestmark = pytest.mark.slow
 
@@ -116,6 +119,49 @@ def test_sigint_then_sigkill_then_resume_gives_the_same_csv(repo):
         f"\nresumed {done}/{N} trials (SIGINT at {after_int}, SIGKILL at {after_kill}): rerun {seconds:.1f} s, "
         f"uninterrupted {full:.1f} s"
     )
+
+
+def test_a_killed_dvc_repro_leaves_a_lock_that_make_repro_removes_then_it_resumes(repo, tiny_built, tmp_path):
+    """SIGKILL to `dvc repro` and its stage (a lost machine, the OOM killer) mid-stage. DVC skips a lock entry
+    whose process id is gone, but not one whose id another program has taken since (after a reboot, in a
+    container): a `sleep` stands for it here. DVC then refuses to start; scripts/stale_lock.py removes the lock."""
+    done_repo, reference, _ = repo
+    if lines(done_repo) != N:  # the uninterrupted run's checkpoint, whole
+        fresh(done_repo)
+        cv_pair(done_repo)
+    work = copy_repo(tiny_built, tmp_path / "repo")
+    set_params(work, GRID)
+    fresh(work)
+    first = (done_repo / CKPT).read_text().splitlines(keepends=True)[: N - 4]
+    (work / CKPT).write_text("".join(first))  # 4 trials left to train: the stage is killed among them
+    proc = start_dvc(work, "repro", "-s", "cv@pair")
+    deadline = time.monotonic() + 120
+    while lines(work) < N - 3 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.communicate()
+    kept = lines(work)
+    assert N - 3 <= kept < N and not (work / CSV).exists()
+    rwlock = work / ".dvc/tmp/rwlock"
+    other = subprocess.Popen(["sleep", "120"])
+    try:
+        text = rwlock.read_text()
+        assert json.loads(text)["write"], text  # the killed dvc's entries
+        rwlock.write_text(re.sub(r'"pid": \d+', f'"pid": {other.pid}', text))
+        refused = dvc(work, "repro", "-s", "cv@pair", check=False)
+        assert refused.returncode != 0 and "is busy" in refused.stderr, refused.stderr
+        started = time.monotonic()
+        note = sh(work, sys.executable, "scripts/stale_lock.py").stderr.strip().splitlines()
+        assert len(note) == 1 and note[0].startswith("stale_lock: removed .dvc/tmp/rwlock"), note
+        assert "dvc repro -s cv@pair" in note[0] and time.monotonic() - started < 60, note
+    finally:
+        other.kill()
+        other.wait()
+    cp = dvc(work, "repro", "-s", "cv@pair")
+    done, total = resumed(cp.stderr + cp.stdout)
+    assert total == N and kept <= done < N
+    assert (work / CSV).read_bytes() == reference
+    assert sh(work, sys.executable, "scripts/stale_lock.py").stderr == ""  # nothing left to say
 
 
 def test_corrupt_lines_are_recomputed_and_a_new_grid_value_trains_only_its_trials(repo):

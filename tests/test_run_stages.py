@@ -17,7 +17,7 @@ from tests.e2e import REPO, clone, pipeline_outputs, sh
 
 script = run_path(str(REPO / "scripts/run_stages.py"))
 ordered, outputs, paths, run = script["ordered"], script["outputs"], script["paths"], script["run"]
-bring_dvc = script["bring_dvc"]
+bring_dvc, removed = script["bring_dvc"], script["removed"]
 
 
 def test_every_stage_comes_after_the_stages_it_reads():
@@ -29,6 +29,15 @@ def test_every_stage_comes_after_the_stages_it_reads():
         for dep in paths(stage.get("deps", [])):
             if dep in made_by:
                 assert position[made_by[dep]] < position[name], (dep, name)
+
+
+def test_outputs_dvc_keeps_are_kept_here_too():
+    """`dvc repro` deletes a stage's outputs before its command, except those dvc.yaml persists (the
+    git-tracked results): so does run_stages."""
+    stages = ordered(REPO)
+    assert removed(stages["evaluate"]) == ["models_out/test_scores.csv", "models_out/confusion.csv"]
+    assert removed(stages["figures"]) == ["plots"]
+    assert removed(stages["cv@pair"]) == outputs(stages["cv@pair"])
 
 
 def test_an_unknown_stage_is_named_and_nothing_runs():

@@ -6,6 +6,7 @@ import hashlib
 import json
 import math
 import os
+import resource
 import shutil
 import signal
 import subprocess
@@ -14,12 +15,13 @@ import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 from digitpairs.core import params as params_module
 from digitpairs.core.variants import GRID_ARCHS
 
-import pandas as pd
+if TYPE_CHECKING:  # pandas loads where a table is written or read, so the failure path works without it
+    import pandas as pd
 
 
 class StageError(RuntimeError):
@@ -79,9 +81,12 @@ def write_csv(df: pd.DataFrame, path: Path) -> None:
     _atomic_write(path, df.to_csv(index=False, lineterminator="\n"))
 
 
-def read_cv_tables(cv_dir: Path, read: Callable[[Path], pd.DataFrame] = pd.read_csv) -> pd.DataFrame:
+def read_cv_tables(cv_dir: Path, read: Callable[[Path], pd.DataFrame] | None = None) -> pd.DataFrame:
     """The cross-validation tables of every grid architecture (``cv_dir/<arch>.csv``) as one table,
-    each read by ``read`` (a reader that checks the columns, for example)."""
+    each read by ``read`` (a reader that checks the columns, for example; pandas' by default)."""
+    import pandas as pd
+
+    read = read or pd.read_csv
     return pd.concat([read(Path(cv_dir) / f"{arch}.csv") for arch in GRID_ARCHS], ignore_index=True)
 
 
@@ -135,10 +140,30 @@ def _first_mismatch(path: Path, md5: str, cache) -> Path | None:
     return None
 
 
+# Bytes of the stage's file outputs as dvc.lock records them, read when run_stage starts (keep_outputs): the
+# uncached outputs (``cache: false`` + ``persist: true`` in dvc.yaml, which DVC leaves in place), for a stage
+# that fails after replacing one of them, in a workspace whose run is not committed (git HEAD holds another's).
+_kept: dict[str, tuple[str, bytes]] = {}
+
+
+def keep_outputs(stage: str) -> None:
+    """Keep in memory every file output of ``stage`` that is present and as dvc.lock records it: what DVC left
+    in place (the persisted, uncached outputs, small JSON and PNG files), which neither its cache nor git may
+    hold; :func:`restore_outputs` puts them back from here."""
+    entry = _lock_stages().get(stage) or {}
+    for out in entry.get("outs", []):
+        path, md5 = Path(out["path"]), out.get("md5", "")
+        if md5 and not md5.endswith(".dir") and path.is_file():
+            data = path.read_bytes()
+            if hashlib.md5(data).hexdigest() == md5:
+                _kept[path.as_posix()] = (md5, data)
+
+
 def _restore_one(path: Path, md5: str, cache) -> None:
     """Put output ``path`` back as ``md5`` records it: from the DVC cache (every file hash-checked,
     a folder assembled beside it and swapped in whole), or, for an uncached output (``cache: false``,
-    committed to git), from ``git HEAD``. Raises FileNotFoundError when neither holds it."""
+    committed to git), from the copy kept when the stage started (:func:`keep_outputs`) or from
+    ``git HEAD``. Raises FileNotFoundError when none holds it."""
     if md5.endswith(".dir"):
         tmp = path.with_name(path.name + ".partial")
         shutil.rmtree(tmp, ignore_errors=True)
@@ -155,6 +180,8 @@ def _restore_one(path: Path, md5: str, cache) -> None:
         shutil.rmtree(old, ignore_errors=True)
     elif Path(cache.oid_to_path(md5)).is_file():
         _put(Path(cache.oid_to_path(md5)), path, md5)
+    elif _kept.get(path.as_posix(), ("", b""))[0] == md5:
+        _atomic_write(path, _kept[path.as_posix()][1])
     else:
         blob = subprocess.run(["git", "show", f"HEAD:{path.as_posix()}"], capture_output=True, check=False)
         if blob.returncode or hashlib.md5(blob.stdout).hexdigest() != md5:
@@ -169,12 +196,13 @@ def restore_outputs(stage: str) -> tuple[list[str], list[str]]:
     after a failure; so a stage that fails (a bad value in params.yaml, a corrupt input, an
     interrupt, under ``dvc repro -s`` or not) puts back every output that is missing or not as
     dvc.lock records it (a file the failed run wrote, a folder it half filled): from the DVC cache,
-    or, for an uncached output such as the git-tracked metrics, from ``git HEAD``; every file is
+    or, for an uncached output such as the git-tracked metrics (which DVC does not delete: dvc.yaml
+    persists them), from the copy kept when the stage started or from ``git HEAD``; every file is
     hash-checked and lands under a temporary name first, so nothing half-written is left, and an
     output is only ever replaced by the exact bytes dvc.lock records. Outputs that match are left
     alone, as are files that are not outputs (the checkpoints). Returns ``(restored, lost)``: the
-    paths put back, and those neither the cache nor git holds (``dvc checkout`` cannot help there
-    either; rerunning the stage can)."""
+    paths put back, and those nothing here holds (``dvc checkout`` cannot help there either;
+    rerunning the stage can)."""
     entry = _lock_stages().get(stage) or {}
     outs = [(Path(o["path"]), o["md5"]) for o in entry.get("outs", []) if "md5" in o]
     if not outs:
@@ -275,7 +303,10 @@ def _fail(line: str, status: int, explain: bool, hint: str = "") -> NoReturn:
         if dvc_stage:
             restored, lost = restore_outputs(dvc_stage)
             if lost:
-                note += f" (could not restore {', '.join(lost)}: `dvc checkout {dvc_stage}` or `dvc repro {dvc_stage}`)"
+                note += (
+                    f" (could not restore {', '.join(lost)}: neither the DVC cache nor git holds the bytes dvc.lock "
+                    f"records; `dvc repro {dvc_stage}` recomputes them)"
+                )
             elif restored:
                 note += f" (outputs put back as dvc.lock records them: {', '.join(restored)})"
     except Exception as err:  # the report must not hide the failure it reports
@@ -301,9 +332,13 @@ def run_stage(main: Callable[[dict], None]) -> None:
     a worker's) prints the stage, its type and its first line. Where a message names no command, the
     line adds the first input that dvc.lock says is not what its stage wrote (:func:`stale_input`),
     with the ``dvc checkout`` that restores it. ``DIGITPAIRS_DEBUG=1`` prints the traceback too.
+    What fails before this takes over (while the stage imports its libraries) takes the same path:
+    ``stages/__init__.py`` hands it to :func:`fail_unhandled`.
     """
     try:
         _handle_signals()
+        if os.environ.get("DVC_STAGE"):
+            keep_outputs(os.environ["DVC_STAGE"])
         try:
             p = params_module.load()
         except params_module.ParamError as err:
@@ -317,7 +352,7 @@ def run_stage(main: Callable[[dict], None]) -> None:
         _fail(f"interrupted{what}: {str(err) or default}", 128 + signum, explain=False)
     except (ValueError, FileNotFoundError, StageError) as err:
         if isinstance(err, StageError) or _raised_here(err):
-            _debug()
+            _debug(err)
             _fail(f"error: {err}", 1, explain=True)
         _unexpected(err)
     except Exception as err:
@@ -337,14 +372,42 @@ def _raised_here(err: BaseException) -> bool:
     return source.is_relative_to(package) or source.is_relative_to(package.parent / "stages")
 
 
-def _unexpected(err: BaseException) -> NoReturn:
-    _debug()
+def _unexpected(err: BaseException, explain: bool = True) -> NoReturn:
+    _debug(err)
     first = (str(err).strip().splitlines() or [""])[0][:300]
     name = _stage_name() or Path(sys.argv[0]).stem
     hint = "" if os.environ.get(DEBUG_ENV) else f" ({DEBUG_ENV}=1 shows the traceback)"
-    _fail(f"error: {name} failed: {type(err).__name__}: {first}", 1, explain=True, hint=hint)
+    _fail(f"error: {name} failed: {type(err).__name__}: {first}{_memory_limit(err)}", 1, explain, hint=hint)
 
 
-def _debug() -> None:
+# What the C library and the allocators say when a mapping or an allocation is refused
+_OUT_OF_MEMORY = ("failed to map segment", "cannot allocate memory", "can't allocate memory", "out of memory")
+
+
+def _memory_limit(err: BaseException) -> str:
+    """A clause naming the process's address-space limit (``ulimit -v``, as a shared machine or a batch
+    scheduler sets it) when ``err`` is a refused allocation or mapping under one, else "": the library's own
+    message (``libtorch_cpu.so: failed to map segment from shared object``) does not say why."""
+    limit = resource.getrlimit(resource.RLIMIT_AS)[0]
+    refused = isinstance(err, MemoryError) or any(s in str(err).lower() for s in _OUT_OF_MEMORY)
+    if limit == resource.RLIM_INFINITY or not refused:
+        return ""
+    return (
+        f"; this process may use only {limit // 1024} KiB of address space (`ulimit -v {limit // 1024}`), too "
+        "little for it: raise the limit (`ulimit -v unlimited`, or more memory from the batch scheduler)"
+    )
+
+
+def fail_unhandled(err: BaseException) -> NoReturn:
+    """The failure path for what escaped before :func:`run_stage` took over: an import that failed (a broken
+    or partial install, a missing shared library, a memory limit), or Ctrl-C in the first instant. The same
+    one line, outputs put back under DVC, and exit status as any other failure (raises SystemExit)."""
+    if isinstance(err, KeyboardInterrupt):
+        name = _stage_name() or Path(sys.argv[0]).stem
+        _fail(f"interrupted: {name}: stopped before finishing; `dvc repro` reruns it.", 128 + signal.SIGINT, False)
+    _unexpected(err, explain=False)  # not an input's fault: the stage had read none
+
+
+def _debug(err: BaseException) -> None:
     if os.environ.get(DEBUG_ENV):
-        traceback.print_exc()
+        traceback.print_exception(err)

@@ -7,13 +7,15 @@ refuses to compute on a node whose numeric settings (pins, library versions, ins
 names the driver's settings.
 
 Failures a cluster user meets end the stage with one line (:class:`StageError`): an address where
-nothing answers (within :data:`CONNECT_TIMEOUT_S`), a cluster that asks for an authentication token
-the driver lacks, and a cluster lost mid-run (the head gone), with the number of trials checkpointed.
+nothing accepts connections (within :data:`CONNECT_TIMEOUT_S`) or nothing answers as a Ray head (within
+:data:`ANSWER_TIMEOUT_S`), a cluster that asks for an authentication token the driver lacks, and a
+cluster lost mid-run (the head gone), with the number of trials checkpointed.
 A lost worker node is Ray's business: its tasks are retried elsewhere (:data:`MAX_RETRIES`).
 """
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 import socket
@@ -28,6 +30,16 @@ from digitpairs.core.io import StageError
 # Seconds to reach RAY_ADDRESS before the stage gives up (Ray itself retries for minutes, or for
 # ever when it rewrites a loopback address to another interface).
 CONNECT_TIMEOUT_S = 10.0
+# Seconds a server at RAY_ADDRESS that accepted the connection has to answer the opening of a gRPC
+# connection, as a Ray head (its GCS, its Ray Client server) does at once. Ray itself waits for ever on
+# one that stays silent (a wrong service, a stopped head, a proxy), printing a warning every 30 s.
+ANSWER_TIMEOUT_S = 30.0
+# What a gRPC client sends first (HTTP/2's connection preface and an empty SETTINGS frame); a gRPC server
+# answers with its own SETTINGS frame before anything else.
+_GRPC_HELLO = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes.fromhex("000000040000000000")
+# Ray's switch for a cluster on loopback only (read when ray is imported): without it Ray replaces a
+# loopback RAY_ADDRESS, and the address the driver advertises, by this machine's network address.
+LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 # Retries of a task whose worker or node died (Ray's default, stated): trials are pure functions
 # of their key, so rerunning one elsewhere gives the same bits.
 MAX_RETRIES = 3
@@ -94,11 +106,12 @@ def _hostport(address: str) -> tuple[str, int] | None:
     return host.strip("[]"), int(port)
 
 
-def _reachable(address: str, timeout: float) -> None:
-    """Raise StageError unless something accepts a TCP connection at ``address`` within ``timeout`` s.
+def _reachable(address: str, timeout: float, answer_timeout: float = ANSWER_TIMEOUT_S) -> None:
+    """Raise StageError unless something accepts a TCP connection at ``address`` within ``timeout`` s
+    and answers there as a gRPC server (as a Ray head does) within ``answer_timeout`` s.
 
-    Ray rewrites a loopback address to the machine's own interface and retries for minutes; this
-    check connects to the address exactly as written, bounded in time.
+    Ray retries an address where nothing listens for minutes, and waits for ever on one that accepts
+    and stays silent; this check connects to the address exactly as written, bounded in time.
     """
     hp = _hostport(address)
     if hp is None:
@@ -106,7 +119,14 @@ def _reachable(address: str, timeout: float) -> None:
     deadline, err = time.monotonic() + timeout, None
     while time.monotonic() < deadline:
         try:
-            with socket.create_connection(hp, timeout=min(5.0, max(0.1, deadline - time.monotonic()))):
+            with socket.create_connection(hp, timeout=min(5.0, max(0.1, deadline - time.monotonic()))) as sock:
+                if not _answers(sock, answer_timeout):
+                    raise StageError(
+                        f"RAY_ADDRESS={address}: {hp[0]}:{hp[1]} accepts connections but nothing there answers as a "
+                        f"Ray head (no gRPC reply within {answer_timeout:.0f} s: another service, or a head that "
+                        "hangs); point RAY_ADDRESS at the head's GCS port (`ray start --head` prints it) or "
+                        "ray://<head>:10001, restart the head, or unset RAY_ADDRESS for a local instance."
+                    )
                 return
         except OSError as e:
             err = e
@@ -115,6 +135,36 @@ def _reachable(address: str, timeout: float) -> None:
         f"RAY_ADDRESS={address}: nothing answers at {hp[0]}:{hp[1]} within {timeout:.0f} s ({err}); "
         "start the cluster (`ray start --head`) or fix the address, or unset RAY_ADDRESS for a local instance."
     )
+
+
+def _answers(sock: socket.socket, timeout: float) -> bool:
+    """Whether the server on ``sock`` replies at all (any bytes, or closing: a TLS head refusing cleartext
+    answers too) within ``timeout`` s of the opening of a gRPC connection; False if it stays silent."""
+    sock.sendall(_GRPC_HELLO)
+    sock.settimeout(timeout)
+    try:
+        sock.recv(1)
+    except TimeoutError:
+        return False
+    except OSError:  # reset by the peer: it answered, if only to refuse
+        pass
+    return True
+
+
+def _keep_loopback(address: str) -> None:
+    """Keep a driver told a loopback address (127.0.0.1, ::1, localhost) on loopback: Ray replaces such an
+    address by this machine's network address, both the head's (unreachable where the head listens on
+    loopback only) and the one the driver advertises, unless :data:`LOOPBACK_ENV` is off when ray is
+    imported. Other addresses are left to Ray."""
+    hp = _hostport(address)
+    if hp is None:
+        return
+    try:
+        loopback = hp[0] == "localhost" or ipaddress.ip_address(hp[0]).is_loopback
+    except ValueError:  # a host name
+        loopback = False
+    if loopback:
+        os.environ[LOOPBACK_ENV] = "0"
 
 
 def connect(address: str, env: dict, **kwargs: object) -> None:
@@ -224,6 +274,7 @@ def ray_map(
     """
     if not jobs:  # everything resumed from a checkpoint: no need to start or reach a cluster
         return
+    _keep_loopback(os.environ.get("RAY_ADDRESS", ""))
     from digitpairs.core import numerics
 
     import ray
