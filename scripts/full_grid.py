@@ -61,6 +61,7 @@ PAGE = REPO / "docs/full-grid.md"  # its full-grid-run block shows the records
 NOT_KEPT = ("data/mnist", "data/pairs", "models_out/models")  # inputs, or too large for OUT
 RESERVE = 30  # seconds of the budget kept for the records and archives
 AUDIT_SAMPLE = 24  # carried trials trained again on a CPU unlike those that computed them
+PROGRESS_EVERY = 300  # seconds between progress lines in the log (the progress file: every 15 s)
 T0, LOG, OUT = time.perf_counter(), [], Path(".")
 
 
@@ -432,15 +433,18 @@ class Piece:
                 log(f"records: {n} trials in {part.name}")
 
     def watch(self, p: dict, done: threading.Event, every: float, commit: bool) -> None:
-        """Until ``done``: the progress file every 15 s, a part of the records every ``every`` s."""
-        last = time.perf_counter()
+        """Until ``done``: the progress file every 15 s and in the log every 5 minutes, a part of the records
+        every ``every`` s."""
+        last = shown = time.perf_counter()
         while not done.wait(15):
             q = progress(self.counts(), p, self.start, self.training_s())
             write_json(q, OUT / "progress.json")
             if time.perf_counter() - last > every:
                 self.save(commit)
-                log(progress_line(q))
                 last = time.perf_counter()
+            if time.perf_counter() - shown > PROGRESS_EVERY:
+                log(progress_line(q))
+                shown = time.perf_counter()
 
 
 def utc() -> str:
