@@ -5,6 +5,8 @@ GPU, in pieces that any machine can carry on (docs/full-grid.md).
     python scripts/full_grid.py run --mnist MNIST_DIR [--budget 3600] [--device cpu|cuda] [--commit]
     python scripts/full_grid.py status          # another shell: trials done, trainings/s, time left
     python scripts/full_grid.py publish OUT     # results/full-grid/ from the records and a finished run
+    python scripts/full_grid.py takeover --code COMMIT --mnist MNIST_DIR   # a later commit, once it agrees
+    python scripts/full_grid.py compare --checkpoints data/checkpoints     # against the default run
 
 A piece copies the stages of the run's one commit (``git archive``; ``records/run.json`` names it, set
 by the first piece) to ``--root`` with FULL_GRID's params, as ``dvc exp run -S`` would set them, puts
