@@ -353,7 +353,8 @@ def full_grid_run_block() -> str:
     held: dict[str, int] = {}
     for part in sorted(FULL_GRID_RECORDS.glob("part-*.jsonl.gz")):
         for line in gzip.decompress(part.read_bytes()).decode().splitlines():
-            held[json.loads(line)["checkpoint"]] = held.get(json.loads(line)["checkpoint"], 0) + 1
+            stem = json.loads(line)["checkpoint"]
+            held[stem] = held.get(stem, 0) + 1
     s, totals = run["settings"], run["trainings"]
     done = ", ".join(f"{stem} {n:,}" + (f" of {totals[stem]:,}" if stem in totals else "") for stem, n in
                      sorted(held.items()))  # fmt: skip
