@@ -4,7 +4,7 @@ GPU, in pieces that any machine can carry on (docs/full-grid.md).
 
     python scripts/full_grid.py run --mnist MNIST_DIR [--budget 3600] [--device cpu|cuda] [--commit]
     python scripts/full_grid.py status          # another shell: trials done, trainings/s, time left
-    python scripts/full_grid.py publish OUT     # results/full-grid/ from the records and a finished run
+    python scripts/full_grid.py publish         # results/full-grid/ from the piece that completed the run
     python scripts/full_grid.py takeover --code COMMIT --mnist MNIST_DIR   # a later commit, once it agrees
     python scripts/full_grid.py compare --checkpoints data/checkpoints     # against the default run
 
@@ -31,6 +31,7 @@ import tarfile
 import tempfile
 import threading
 import time
+from collections import Counter
 from pathlib import Path
 
 import yaml
@@ -42,7 +43,7 @@ sys.path[:0] = [str(CODE), str(REPO / "scripts")]
 
 # first: the numeric pins, before torch loads numpy (whose OpenBLAS reads its kernel choice then)
 from digitpairs.core import numerics  # noqa: E402
-from digitpairs.core.io import finite_or_null, read_cv_tables, replacing, write_json  # noqa: E402
+from digitpairs.core.io import finite_or_null, replacing, write_json  # noqa: E402
 from digitpairs.core.variants import GRID_ARCHS, STUDY_VARIANTS, variant_score, variants_of  # noqa: E402
 from digitpairs.training import study  # noqa: E402
 from digitpairs.training.models import ModelConfig  # noqa: E402
@@ -59,6 +60,7 @@ FULL_GRID = {"data.n_draws": 10, "cv.n_draws": 10, "loss_weights.n_draws": 10, "
              "cv.nbch1": [8, 16, 32, 64], "cv.nbch2": [8, 16, 32, 64], "cv.nbfch": [64, 128, 256, 512],
              "cv.lr": [0.001, 0.01, 0.1, 0.25, 1.0]}  # fmt: skip
 RECORDS = REPO / "results/full-grid/records"
+EARLIER = REPO / "results/full-grid/earlier-gpu"  # an earlier run on a GPU, older code, partial: compared with
 PAGE = REPO / "docs/full-grid.md"  # its full-grid-run block shows the records
 NOT_KEPT = ("data/mnist", "data/pairs", "models_out/models")  # inputs, or too large for OUT
 RESERVE = 30  # seconds of the budget kept for the records and archives
@@ -195,7 +197,7 @@ def run_state(args: argparse.Namespace) -> dict:
 def prepare(root: Path, commit: str, settings: dict) -> dict:
     """``root``: the commit's stages, package and dvc.yaml, and its params.yaml with ``settings``."""
     run_stages.bring_dvc()  # before any stage: a machine without DVC's packages stops here, saying why
-    names = ["stages", "digitpairs", "dvc.yaml", "params.yaml"]
+    names = ["stages", "digitpairs", "dvc.yaml", "params.yaml", ".dvcignore"]
     archive = subprocess.run(["git", "-C", str(REPO), "archive", commit, *names], capture_output=True)
     if archive.returncode:
         why = archive.stderr.decode().strip()
@@ -524,7 +526,8 @@ def run(args: argparse.Namespace) -> None:
 
 
 def finish(root: Path, p: dict, piece: Piece, prov: dict, tuning: dict, failed: object, commit: bool) -> None:
-    """The piece's last part and entry, its progress, and OUT/results.tar.gz: the stages' outputs."""
+    """The piece's last part and entry, its progress, and OUT/results.tar.gz: the stages' outputs (once every
+    stage finished, with the run's params.yaml and its own dvc.lock: what `publish` needs)."""
     piece.entry["ended"] = utc()
     piece.entry["stopped_by"] = "complete" if prov["complete"] else "error" if failed else "budget or signal"
     piece.save(commit)
@@ -535,9 +538,28 @@ def finish(root: Path, p: dict, piece: Piece, prov: dict, tuning: dict, failed: 
     write_json(finite_or_null(prov), root / "provenance.json")
     write_json(finite_or_null(tuning), root / "tuning.json")
     kept = [o for s in run_stages.ordered(root).values() for o in run_stages.outputs(s) if o not in NOT_KEPT]
-    pack(root, [*kept, "provenance.json", "tuning.json"], OUT / "results.tar.gz")
+    (root / "dvc.lock").unlink(missing_ok=True)  # a lock describes the outputs of a complete piece only
+    locked = lock(root) if prov["complete"] else True
+    pack(root, [*kept, "provenance.json", "tuning.json", "params.yaml", "dvc.lock"], OUT / "results.tar.gz")
     resume = "; rerun the same command to resume (on this machine or another)" * (not prov["complete"] and not failed)
     log(f"done; {piece.entry['stopped_by']}; the records: {piece.records}{resume}")
+    if not locked:
+        raise SystemExit(1)
+
+
+def lock(root: Path) -> bool:
+    """The run's own dvc.lock in ``root``: DVC hashes every dependency, param and output of the finished
+    stages (`dvc commit --force`: the lock `dvc repro` writes, tests/test_full_grid.py), so that anyone can
+    recompute any part of the run and compare. False (and said) where DVC could not: publish needs it."""
+    env = os.environ | {"DVC_NO_ANALYTICS": "1"}
+    init = [] if (root / ".dvc/config").exists() else [["init", "--no-scm", "--force"]]  # .dvc/tmp: stages'
+    for cmd in [*init, ["commit", "--force"]]:
+        done = subprocess.run([sys.executable, "-m", "dvc", *cmd], cwd=root, env=env, capture_output=True, text=True)
+        if done.returncode:
+            log(f"error: `dvc {' '.join(cmd)}` in {root} failed, so the run has no dvc.lock, which publish needs "
+                f"({done.stderr.strip()[-500:]}); fix that and rerun the same command")  # fmt: skip
+            return False
+    return True
 
 
 def status(args: argparse.Namespace) -> None:
@@ -571,15 +593,25 @@ def compare(args: argparse.Namespace) -> None:
 
 
 def publish(args: argparse.Namespace) -> None:
-    """Runs -> --dest: the report (full_grid_report.py) of their provenance and tuning, and the grid's
-    trials in the records."""
-    runs = [Path(r) for r in args.runs]
-    archives = [tarfile.open(r / "results.tar.gz") for r in runs]
-    provs = [json.load(a.extractfile("provenance.json")) for a in archives]
-    rows = [rec["row"] for rec in carried(Path(args.records)).values() if rec["checkpoint"].startswith("cv-")]
-    logs = [f"## run {i}\n" + (r / "log.txt").read_text() for i, r in enumerate(runs, 1)]
-    tuning = json.load(archives[0].extractfile("tuning.json"))
-    report.write(Path(args.dest), rows, provs, tuning, "\n".join(logs), read_cv_tables(Path(args.default_cv)))
+    """A complete run -> --dest (full_grid_report.write): the outputs, params and own lock in the archive of
+    the piece that completed it, beside the records; refused while the grid or any stage is unfinished."""
+    records, archive = Path(args.records), Path(args.out or Path(args.root) / "out") / "results.tar.gz"
+    run = json.loads((records / "run.json").read_text())
+    held = Counter(rec["checkpoint"] for rec in carried(records).values())
+    short = [f"{stem} {held[stem]:,} of {n:,}" for stem, n in run["trainings"].items() if held[stem] < n]
+    if short:
+        raise SystemExit(f"error: the records hold {', '.join(short)} trials: the grid is not complete; run pieces "
+                         "until one ends `complete`, then publish its --root (or --out)")  # fmt: skip
+    if not archive.exists():
+        raise SystemExit(f"error: no {archive}: give the --root (or --out) of the piece that completed the run, "
+                         "or run a piece here (every trial resumes; the stages after the grid run again)")  # fmt: skip
+    with tarfile.open(archive) as tar:
+        if "dvc.lock" not in tar.getnames():
+            raise SystemExit(f"error: {archive} is from a piece that did not finish every stage (it has no dvc.lock): "
+                             "rerun `run` (every finished trial resumes) until it ends `complete`")  # fmt: skip
+        earlier = Path(args.earlier) if args.earlier != "none" else None
+        report.write(Path(args.dest), tar, Path(args.default), earlier)
+    print(f"published {args.dest}")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -603,10 +635,12 @@ def parser() -> argparse.ArgumentParser:
     st = sub.add_parser("status", help="the progress of the piece under way (or the last)")
     st.add_argument("--root", default=root)
     st.add_argument("--out")
-    pb = sub.add_parser("publish", help="run folders (each: log.txt, results.tar.gz) and the records")
-    pb.add_argument("runs", nargs="+")
+    pb = sub.add_parser("publish", help="a complete run's outputs, params and dvc.lock, with the comparisons")
+    pb.add_argument("--root", default=root, help="where the piece that completed the run ran")
+    pb.add_argument("--out", help="that piece's OUT (default: ROOT/out)")
     pb.add_argument("--records", default=str(RECORDS))
-    pb.add_argument("--default-cv", default="data/cv", help="the default run's CV tables, for comparison.json")
+    pb.add_argument("--default", default=str(REPO), help="a workspace with the default run's outputs (`dvc pull`)")
+    pb.add_argument("--earlier", default=str(EARLIER), help="the earlier partial GPU run's folder, or none")
     pb.add_argument("--dest", default=str(REPO / "results/full-grid"))
     cm = sub.add_parser("compare", help="the records against another run's checkpoints, trial by trial")
     cm.add_argument("--checkpoints", default="data/checkpoints", help="e.g. the default run's")

@@ -1,58 +1,35 @@
-"""The report of a full-grid run (scripts/full_grid.py publish): the grid's cross-validation tables
-from its checkpointed trials, finished or not, and what the full grid changes against the default subset."""
+"""The report of a complete full-grid run (scripts/full_grid.py publish): the stages' outputs with the run's
+params.yaml and its own dvc.lock, the cross-validation summary, and what the full grid changes against the
+default subset and against the earlier partial GPU run."""
 
 from __future__ import annotations
 
 import gzip
 import json
 import shutil
-from dataclasses import asdict
+import tarfile
 from pathlib import Path
 
-from digitpairs.core.io import finite_or_null, write_csv, write_json
-from digitpairs.core.variants import GRID_ARCHS, STUDY_VARIANTS
+from digitpairs.core.io import finite_or_null, read_cv_tables, write_csv, write_json
+from digitpairs.core.variants import STUDY_VARIANTS
 from digitpairs.training import study
-from digitpairs.training.trials import Outcome
 
 import numpy as np
 import pandas as pd
 
 DIMENSIONS = {"nbch1": ("nbch1",), "nbch2": ("nbch2",), "nbfch": ("nbfch",), "lr": ("lr",),
               "BN/skip": ("batch_norm", "skip_connections")}  # fmt: skip
+KEEP = ("records", "earlier-gpu")  # in the destination, not the publish's: the run's records, the earlier run
+LARGEST = 1 << 20  # bytes: a larger file is committed gzip-compressed (no timestamp: reproducible bytes)
+SIGNIFICANT = 0.05  # Holm-corrected t-test p below which a finding counts as established
 
 
-def grid_tables(rows: list[dict], p: dict, dest: Path) -> tuple[dict, pd.DataFrame]:
-    """The grid's tables from its checkpointed trials, finished or not; a combination counts (figures,
-    selection) once all its draws finished, and the rest are listed as missing."""
-    done, summary, frames = {json.dumps(r["trial"], sort_keys=True): r["scores"] for r in rows}, {}, []
-    for arch in GRID_ARCHS:
-        grid = study.cv_trials(arch, p)
-        key = {t: json.dumps(asdict(t), sort_keys=True) for t in grid}
-        table = study.cv_table([Outcome(t, done[key[t]]) for t in grid if key[t] in done], p["cv"]["score_on"])
-        counts = table.groupby([*study.CONFIG_KEYS, "variant"])["draw"].transform("count")
-        complete = table[counts == p["cv"]["n_draws"]]
-        frames.append(complete)
-        path = dest / f"cv/{arch}.csv"
-        write_csv(table, path)
-        if path.stat().st_size > 1 << 20:  # nothing committed tops 2 MiB; no timestamp: reproducible bytes
-            path.with_suffix(".csv.gz").write_bytes(gzip.compress(path.read_bytes(), mtime=0))
-            path.unlink()
-        selected = study.select(complete)
-        write_json(selected, dest / f"cv/{arch}_selected.json")
-        missing = {(m.nbch1, m.nbch2, m.nbfch, m.batch_norm, m.skip_connections) for m in
-                   (t.model for t in grid if key[t] not in done)}  # fmt: skip
-        summary[arch] = {"trainings": len(grid), "finished": len(table), "missing": len(grid) - len(table),
-                         "combinations_complete": len(complete) // p["cv"]["n_draws"] // len(study.variants_of(arch)),
-                         "combinations": len(study.grid(p["cv"])), "shapes_missing": sorted(missing),
-                         "selected_over_complete_combinations": selected}  # fmt: skip
-    return summary, pd.concat(frames, ignore_index=True)
-
-
-def comparison(default: pd.DataFrame, full: pd.DataFrame) -> dict:
-    """What the full grid changes against the default subset: each variant's selected configuration,
-    the value each cross-validation figure peaks at, and the ranking of the variants."""
+def comparison(other: pd.DataFrame, full: pd.DataFrame, names: tuple[str, str] = ("default", "full")) -> dict:
+    """What the full grid changes against another grid's CV table (the default subset's, the earlier run's):
+    each variant's selected configuration, the value each cross-validation figure peaks at, and the ranking
+    of the variants; keyed by ``names``."""
     out: dict = {"dimensions": list(DIMENSIONS), "variants": {}, "ranking": {}}
-    for name, cv in (("default", default), ("full", full)):
+    for name, cv in zip(names, (other, full), strict=True):
         means = cv.groupby(["variant", *study.CONFIG_KEYS])["score"].mean().reset_index()
         selected = study.select(cv)
         out["ranking"][name] = list(means.groupby("variant")["score"].mean().sort_values(ascending=False).index)
@@ -66,37 +43,66 @@ def comparison(default: pd.DataFrame, full: pd.DataFrame) -> dict:
     return out
 
 
-def provenance(runs: list[dict], summary: dict) -> dict:
-    """The first run's environment and params, and the grid: how much of it finished, in how long."""
-    walls = [{"wall_s": q["wall_s"], "grid_complete": q["grid_complete"]} for q in runs]
-    grid_s = sum(s for r in walls for stage, s in r["wall_s"].items() if stage.startswith("cv@"))
-    finished = sum(a["finished"] for a in summary.values())
-    out = {k: v for k, v in runs[0].items() if k not in ("wall_s", "complete", "grid_complete")}
-    out["grid"] = {
-        "complete": all(a["missing"] == 0 for a in summary.values()),
-        "trainings_finished": finished,
-        "trainings_total": sum(a["trainings"] for a in summary.values()),
-        "wall_s": round(grid_s, 1),
-        "trainings_per_s": round(finished / grid_s, 1),
-        "per_arch": {a: {k: v for k, v in s.items() if not k.startswith("selected")} for a, s in summary.items()},
-        "runs": walls,
-    }
-    out["selected"] = {a: s["selected_over_complete_combinations"] for a, s in summary.items()}
-    return out
+def complete(cv: pd.DataFrame) -> pd.DataFrame:
+    """The rows of the combinations (configuration and variant) that have every draw: a partial run's."""
+    counts = cv.groupby([*study.CONFIG_KEYS, "variant"])["draw"].transform("count")
+    return cv[counts == counts.max()]
 
 
-def write(dest: Path, rows: list[dict], runs: list[dict], tuning: dict, log: str, default: pd.DataFrame) -> None:
-    """``dest`` anew: the grid's tables from its checkpointed trials ``rows`` and their figures (the
-    study's own figure code), the comparison with the ``default`` subset's table, and the runs' provenance,
-    tuning (the first's) and logs."""
-    from digitpairs.report import figures
+def cv_summary(cv: pd.DataFrame) -> pd.DataFrame:
+    """Per combination and variant, as the original's tables: the mean and std (ddof 1) over the draws of the
+    selection score and of the test accuracy."""
+    g = cv.groupby(["variant", *study.CONFIG_KEYS], sort=False)
+    out = g.agg(score_mean=("score", "mean"), score_std=("score", "std"), test_mean=("test_accuracy", "mean"),
+                test_std=("test_accuracy", "std"), n_draws=("draw", "count"))  # fmt: skip
+    return out.reset_index()
 
-    for old in (f for f in (dest.iterdir() if dest.exists() else []) if f.name != "records"):  # records: the run's
+
+def against_default(full: Path, default: Path) -> dict:
+    """The default subset's run (a workspace: ``default``) against the full one (``full``, as published):
+    each variant's configuration and final test accuracy, and each finding, on both."""
+    metrics = [json.loads((d / "models_out/metrics.json").read_text()) for d in (default, full)]
+    claims = [json.loads((d / "models_out/findings.json").read_text())["claims"] for d in (default, full)]
+    accuracy = {}
+    for v in metrics[1]:
+        a, b = (m[v] for m in metrics)
+        accuracy[v] = {"same_config": a["config"] == b["config"], "difference": b["accuracy_mean"] - a["accuracy_mean"],
+                       **{name: {k: m[k] for k in ("config", "accuracy_mean", "ci95_low", "ci95_high", "n_draws")}
+                          for name, m in (("default", a), ("full", b))}}  # fmt: skip
+    findings = {}
+    for c in claims[1]:
+        rows = {name: {k: cl[c].get(k) for k in ("mean", "ci95_low", "ci95_high", "p_t_holm", "n")}
+                for name, cl in zip(("default", "full"), claims, strict=True)}  # fmt: skip
+        for r in rows.values():
+            r["established"] = r["p_t_holm"] is not None and r["p_t_holm"] < SIGNIFICANT
+        findings[c] = rows | {"moved": rows["default"]["established"] != rows["full"]["established"]}
+    return {"accuracy": accuracy, "findings": findings}
+
+
+def compress_large(dest: Path) -> list[str]:
+    """Every published file over :data:`LARGEST` as ``NAME.gz`` instead; their names (dvc.lock hashes the
+    uncompressed bytes: ``gunzip`` gives them back)."""
+    large = [f for f in sorted(dest.rglob("*")) if f.is_file() and f.stat().st_size > LARGEST
+             and f.relative_to(dest).parts[0] not in KEEP]  # fmt: skip
+    for f in large:
+        f.with_name(f.name + ".gz").write_bytes(gzip.compress(f.read_bytes(), mtime=0))
+        f.unlink()
+    return [str(f.relative_to(dest)) for f in large]
+
+
+def write(dest: Path, tar: tarfile.TarFile, default: Path, earlier: Path | None) -> None:
+    """``dest`` anew (but :data:`KEEP`): the complete run's outputs, params.yaml and dvc.lock from the last
+    piece's archive ``tar``; the CV summary; the comparison with the ``default`` subset's run (a workspace
+    holding its outputs) and with the ``earlier`` partial GPU run (its published folder), if given."""
+    for old in (f for f in (dest.iterdir() if dest.exists() else []) if f.name not in KEEP):
         shutil.rmtree(old) if old.is_dir() else old.unlink()
-    summary, cv = grid_tables(rows, runs[0]["params"], dest)
-    for name in figures.CV_FIGURES:
-        figures.save(figures.draw_cv(cv, name), dest / "plots", name, 150)
-    write_json(finite_or_null(comparison(default, cv)), dest / "comparison.json")
-    write_json(finite_or_null(provenance(runs, summary)), dest / "provenance.json")
-    write_json(finite_or_null(tuning), dest / "tuning.json")
-    (dest / "log.txt").write_text(log)
+    dest.mkdir(parents=True, exist_ok=True)
+    tar.extractall(dest, filter="data")
+    full = read_cv_tables(dest / "data/cv")
+    write_csv(cv_summary(full), dest / "cv_summary.csv")
+    comp = {"default": comparison(read_cv_tables(default / "data/cv"), full) | against_default(dest, default)}
+    if earlier:
+        gpu = complete(read_cv_tables(earlier / "cv", lambda f: pd.read_csv(f if f.exists() else f"{f}.gz")))
+        comp["earlier_gpu"] = comparison(gpu, full, ("earlier_gpu", "full"))
+    write_json(finite_or_null(comp), dest / "comparison.json")
+    compress_large(dest)

@@ -7,8 +7,8 @@ Blocks (each in exactly one page): ``results`` (models_out/metrics.json); ``find
 (models_out/findings.json); ``recipe-attempts`` and ``frontier`` (results/recipe-attempts/, written by
 ``scripts/recipe_attempts.py``); ``headline`` (metrics.json and the frontier); ``faithful`` (results/faithful/,
 written by ``scripts/faithful.py``); ``full-grid``
-(results/full-grid/, written by ``scripts/full_grid.py publish``), ``full-grid-run`` (its records, written by
-``scripts/full_grid.py run``); ``repro-time``, ``cold-repro``,
+(results/full-grid/earlier-gpu/, an earlier partial run on a GPU), ``full-grid-run`` (the run's records,
+results/full-grid/records/, written by ``scripts/full_grid.py run``); ``repro-time``, ``cold-repro``,
 ``benchmark``, ``numerics`` and ``pins-cost`` (results/timings.json: what was measured, with which command, on
 which commit and machine).
 """
@@ -33,6 +33,7 @@ FINDINGS = REPO / "models_out/findings.json"
 FAITHFUL = REPO / "results/faithful"
 FULL_GRID = REPO / "results/full-grid"
 FULL_GRID_RECORDS = FULL_GRID / "records"
+EARLIER_GPU = FULL_GRID / "earlier-gpu"  # an earlier, partial run of the grid on a GPU, older code
 TIMINGS = REPO / "results/timings.json"
 ATTEMPTS = REPO / "results/recipe-attempts"
 
@@ -256,10 +257,10 @@ def faithful_block() -> str:
 
 
 def full_grid_block() -> str:
-    """The study's full grid on a GPU (results/full-grid/): how much finished, how fast, how the engine
-    checked out, and what the full grid selects against the default subset."""
-    prov = json.loads((FULL_GRID / "provenance.json").read_text())
-    comp = json.loads((FULL_GRID / "comparison.json").read_text())
+    """The earlier partial run of the full grid on a GPU (results/full-grid/earlier-gpu/): how much finished,
+    how fast, how the engine checked out, and what the full grid selects against the default subset."""
+    prov = json.loads((EARLIER_GPU / "provenance.json").read_text())
+    comp = json.loads((EARLIER_GPU / "comparison.json").read_text())
     g = prov["grid"]
     pair, siamese = g["per_arch"]["pair"], g["per_arch"]["siamese"]
     lines = [
@@ -312,7 +313,7 @@ def _full_grid_selection(comp: dict) -> list[str]:
 def _full_grid_tuning(g: dict) -> list[str]:
     """Two bullets from tuning.json: the whole grid's projected time, and the GPU engine against the CPU
     loop (with the largest job's measurements where the run that tuned the engine made them)."""
-    tun = json.loads((FULL_GRID / "tuning.json").read_text())
+    tun = json.loads((EARLIER_GPU / "tuning.json").read_text())
     eq = tun["equivalence"]["25"]
     timing = (
         f"- At that rate the whole grid takes about {g['trainings_total'] / g['trainings_per_s'] / 60:.0f} minutes "
@@ -358,9 +359,12 @@ def full_grid_run_block() -> str:
     s, totals = run["settings"], run["trainings"]
     done = ", ".join(f"{stem} {n:,}" + (f" of {totals[stem]:,}" if stem in totals else "") for stem, n in
                      sorted(held.items()))  # fmt: skip
+    proj, hours = timings()["numerics_benchmark"], sum(q["training_s"] for q in pieces) / 3600
     lines = [
         f"Commit `{run['commit'][:7]}`, `train.device: {s['train.device']}`, `train.numerics: {s['train.numerics']}`; "
-        f"the records hold {sum(held.values()):,} trials ({done}).",
+        f"the records hold {sum(held.values()):,} trials ({done}), from {hours:.1f} h of training over "
+        f"{len(pieces)} pieces. `benchmarks/numerics.py` projects the whole study at "
+        f"{proj['full_study_projected_h']:.1f} h on {proj['machine']} (commit `{proj['commit']}`).",
         "",
         "| piece (UTC) | CPU | AVX-512 | trials computed | training time | trainings/s | audit |",
         "| --- | --- | --- | --- | --- | --- | --- |",

@@ -92,6 +92,20 @@ def test_test_selection_compares_the_reported_mean_with_unseen_draws():
     assert r["mean"] == pytest.approx(0.06) and r["n"] == 4
 
 
+def test_test_selection_leaves_each_draw_out_where_cv_used_every_draw():
+    """No draw is unseen (cv.n_draws = data.n_draws): each draw in turn is left out. Widths 8 and 16 on
+    draws 0-2: leaving out 0 selects 16 (0.85 over draws 1, 2; worth 0.7 on draw 0), leaving out 1 selects
+    8 (0.85; worth 0.7), leaving out 2 ties at 0.8 and keeps 8, the first in grid order (worth 0.8)."""
+    acc = {8: (0.9, 0.7, 0.8), 16: (0.7, 0.9, 0.8)}
+    cv = pd.DataFrame(
+        [dict(variant="pair", arch="pair", nbch1=w, nbch2=8, nbfch=64, batch_norm=True, skip_connections=False,
+              lr=0.1, draw=d, score=a, test_accuracy=a) for w, accs in acc.items() for d, a in enumerate(accs)]
+    )  # fmt: skip
+    r = findings.test_selection(cv, pd.DataFrame(columns=["kind", "variant"]), "pair")
+    assert r["reported"] == pytest.approx(2.5 / 3) and r["unseen"] == pytest.approx(2.2 / 3)
+    assert r["mean"] == pytest.approx(0.1) and r["n"] == 3 and r["p_wilcoxon"] is not None
+
+
 def test_posterior_decision_by_hand():
     p1 = torch.zeros(10).index_fill_(0, torch.tensor([3, 5]), 0.5)  # digit 1: 3 or 5
     p2 = torch.zeros(10)

@@ -19,7 +19,9 @@ from digitpairs.core import numerics
 from digitpairs.training.semantics import TrainConfig
 from digitpairs.training.trials import make_trial
 
+import pandas as pd
 import pytest
+import yaml
 
 from tests.conftest import SHARED_MNIST
 from tests.e2e import REPO, TINY, env, full_grid_module, pipeline_outputs, sh
@@ -89,6 +91,8 @@ def test_pieces_on_machines_that_stop_or_die_give_the_run_dvc_repro_gives(tiny_r
     assert committed and all(f.startswith("results/tiny-records/") for f in committed)
     assert "results/tiny-records" not in sh(repo, "git", "status", "--porcelain").stdout
     first_parts = parts(records)
+    early = script(repo, "publish", "--root", str(root), "--records", str(records), check=False)
+    assert early.returncode == 1 and re.search("not complete|did not finish every stage", early.stderr), early.stderr
 
     held = killed_mid_stage(repo, root, [*common, "--export-every", "600"])
     as_other_cpu(records)
@@ -107,16 +111,7 @@ def test_pieces_on_machines_that_stop_or_die_give_the_run_dvc_repro_gives(tiny_r
     stops_at_the_audit_if_tampered(repo, records, tmp_path, common)
     taken_over_by_a_later_commit(repo, records, root, common, tmp_path, tiny_built)
 
-    dest = tmp_path / "published"
-    script(repo, "publish", str(root / "out"), "--records", str(records), "--dest", str(dest),
-           "--default-cv", str(tiny_built / "data/cv"))  # fmt: skip
-    published = {str(p.relative_to(dest)).removesuffix(".gz") for p in dest.rglob("*") if p.is_file()}
-    grid_dir = REPO / "results/full-grid"
-    expected = {str(p.relative_to(grid_dir)).removesuffix(".gz")
-                for p in grid_dir.rglob("*") if p.is_file() and "records" not in p.parts}  # fmt: skip
-    assert published == expected - {"profile.txt"}
-    grid = json.loads((dest / "provenance.json").read_text())["grid"]
-    assert grid["complete"] and grid["trainings_finished"] == 6 and len(grid["runs"]) == 1
+    published_like_dvc_repro(repo, records, root, tmp_path / "published", tiny_built)
 
 
 def test_the_audit_samples_both_architectures_and_every_shape_first():
@@ -197,3 +192,24 @@ def taken_over_by_a_later_commit(
     refused = script(repo, *takeover, "--root", str(tmp_path / "takeover2"), check=False)
     assert refused.returncode == 1 and "cannot take over the run" in refused.stdout + refused.stderr
     assert json.loads((records / "run.json").read_text()) == run
+
+
+def published_like_dvc_repro(repo: Path, records: Path, root: Path, dest: Path, tiny_built: Path) -> None:
+    """`publish` of the complete run: its own dvc.lock (`dvc commit`) holds the output hashes `dvc repro`
+    wrote, the outputs are its bytes, and the comparisons with the default run (here: the same tiny
+    run, so nothing moved) and with the earlier GPU run are written."""
+    script(repo, "publish", "--root", str(root), "--records", str(records), "--dest", str(dest),
+           "--default", str(tiny_built), "--earlier", str(REPO / "results/full-grid/earlier-gpu"))  # fmt: skip
+    ours, theirs = (yaml.safe_load((d / "dvc.lock").read_text())["stages"] for d in (dest, tiny_built))
+    assert {s: v["outs"] for s, v in ours.items()} == {s: v["outs"] for s, v in theirs.items()}
+    assert yaml.safe_load((dest / "params.yaml").read_text())["cv"]["lr"] == TINY["cv"]["lr"]
+    for name in ("data/cv/pair.csv", "models_out/metrics.json", "models_out/findings.json", "plots/findings.png"):
+        assert (dest / name).read_bytes() == (tiny_built / name).read_bytes(), name
+    comp = json.loads((dest / "comparison.json").read_text())
+    acc, found = comp["default"]["accuracy"], comp["default"]["findings"]
+    assert set(acc) == set(json.loads((tiny_built / "models_out/metrics.json").read_text()))
+    assert all(a["same_config"] and a["difference"] == 0 for a in acc.values())
+    assert found and not any(f["moved"] for f in found.values())
+    assert set(comp["earlier_gpu"]["ranking"]) == {"earlier_gpu", "full"}
+    summary = pd.read_csv(dest / "cv_summary.csv")
+    assert len(summary) == 2 + 2 * 2 and set(summary["n_draws"]) == {TINY["cv"]["n_draws"]}

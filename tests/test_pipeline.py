@@ -118,3 +118,16 @@ def test_bad_param_stops_before_work_and_keeps_outputs(tiny_repo):
     assert cp.returncode != 0
     assert "cv.lr[1] must be > 0" in cp.stdout + cp.stderr
     assert (repo / "data/cv/pair.csv").read_bytes() == before
+
+
+def test_every_draw_cross_validated_runs_to_the_findings(tiny_repo):
+    """The original's draw layout (cv.n_draws = data.n_draws, as the full grid sets it): no draw is left
+    for the test-selected controls, and the findings leave each draw out instead."""
+    repo = tiny_repo
+    set_params(repo, {"cv": {"n_draws": 2}})
+    log = dvc(repo, "repro").stdout
+    assert {"cv@pair", "controls", "findings"} <= ran(log), log
+    controls = pd.read_csv(repo / "data/controls.csv")
+    assert set(controls["kind"]) == {"no_aux"}
+    claims = json.loads((repo / "models_out/findings.json").read_text())["claims"]
+    assert all(claims[f"test_selection_{v}"]["n"] == 2 for v in ("pair", "siamese-2", "siamese-10"))

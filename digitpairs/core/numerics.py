@@ -35,7 +35,7 @@ control the library itself documents; nothing is re-implemented here.
 - ``CUBLAS_WORKSPACE_CONFIG=:4096:8`` (CUDA only; harmless elsewhere): required by
   ``torch.use_deterministic_algorithms`` for deterministic cuBLAS (PyTorch "Reproducibility" notes).
   GPU results are not equal to the CPU's, and on an H200 two runs of the largest grid job were not
-  bit-identical even with these settings (results/full-grid/tuning.json): ``train.device: cuda`` is
+  bit-identical even with these settings (results/full-grid/earlier-gpu/tuning.json): ``train.device: cuda`` is
   its own setting.
 
 Torch threads are pinned separately (``runner.THREADS_PER_JOB``). The environment variables must be
@@ -319,7 +319,7 @@ def digest(device: str = "cpu") -> str:
 def deterministic_cuda() -> None:
     """CUDA's documented determinism controls: deterministic algorithms, no TF32, no autotuning.
 
-    Measured on an H200 (results/full-grid/tuning.json): a small job repeated bit for bit, the
+    Measured on an H200 (results/full-grid/earlier-gpu/tuning.json): a small job repeated bit for bit, the
     largest grid job (100 models of widths 64/64/512) did not, with no warning from PyTorch; the
     cause is not found yet, so GPU runs are reproducible in distribution, not to the bit.
 

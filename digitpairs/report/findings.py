@@ -3,7 +3,8 @@ over the family, plus what selecting on the test set costs and what each additio
 
 Differences are in accuracy (fractions; docs/findings.md and the figure show points). Every claim is paired
 over the same draws (or, for batch norm and skip connections, over grid configurations that differ only
-in that switch, on the same draw), except the test-selection gap, which compares disjoint draws (Welch).
+in that switch, on the same draw), except the test-selection gap, which compares disjoint draws (Welch), or,
+where cross-validation used every draw, leaves each draw out in turn (paired over the draws left out).
 """
 
 from __future__ import annotations
@@ -61,14 +62,33 @@ def switch_effect(cv: pd.DataFrame, variant: str, switch: str) -> dict:
 def test_selection(cv: pd.DataFrame, controls: pd.DataFrame, variant: str) -> dict:
     """The original's protocol for ``variant``: the configuration with the best mean test accuracy on the
     CV draws reports that mean; the same configuration's test accuracy on draws CV never saw is what it
-    is worth. Returns Welch's comparison (reported - unseen) and both means."""
+    is worth. Returns Welch's comparison (reported - unseen) and both means; where CV used every draw,
+    :func:`left_out`'s comparison instead."""
     unseen = controls[(controls["kind"] == "test_selected") & (controls["variant"] == variant)]
-    config = unseen.iloc[0][list(GRID_KEYS)]
     rows = cv[cv["variant"] == variant]
+    if unseen.empty:  # cv.n_draws = data.n_draws, as in the original's study: no draw is unseen
+        return left_out(rows)
+    config = unseen.iloc[0][list(GRID_KEYS)]
     same = (rows[list(GRID_KEYS)].astype(str) == config.astype(str).to_numpy()).all(axis=1)
     reported = rows.loc[same, "test_accuracy"]
     result = welch(reported.to_numpy(), unseen["test_accuracy"].to_numpy())
     return result | {"reported": _mean(reported), "unseen": _mean(unseen["test_accuracy"])}
+
+
+def left_out(rows: pd.DataFrame) -> dict:
+    """Test selection where cross-validation used every draw: each draw in turn is left out, the configuration
+    with the best mean test accuracy over the other draws reports that mean (first in grid order on ties),
+    and its test accuracy on the draw left out is what it is worth. Paired over the draws left out; the
+    folds share draws, so the CI and p-values are approximate."""
+    reported, unseen = [], []
+    draws = sorted(rows["draw"].unique())
+    for d in draws if len(draws) > 1 else []:
+        means = rows[rows["draw"] != d].groupby(list(GRID_KEYS), sort=False)["test_accuracy"].mean()
+        held = rows[rows["draw"] == d].set_index(list(GRID_KEYS))["test_accuracy"]
+        reported.append(float(means.max()))
+        unseen.append(float(held.loc[means.idxmax()]))
+    means = {k: float(sum(v) / len(v)) if v else None for k, v in (("reported", reported), ("unseen", unseen))}
+    return paired(reported, unseen) | means
 
 
 def _mean(values: pd.Series) -> float | None:

@@ -90,7 +90,7 @@ class _GraphedStep:
     (CUDA's rule before a capture; they are real training steps), the next captures the step reading
     its mini-batch rows from a fixed buffer, and every call replays it. The same kernels run in the
     same order: on an H200 a small job gave the eager engine's bytes exactly, and the largest grid
-    job, which is GPU-bound, ran 6% faster (results/full-grid/tuning.json).
+    job, which is GPU-bound, ran 6% faster (results/full-grid/earlier-gpu/tuning.json).
     """
 
     def __init__(self, step, k: int, bs: int, dev: torch.device) -> None:
