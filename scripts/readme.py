@@ -8,7 +8,8 @@ Blocks (each in exactly one page): ``results`` (models_out/metrics.json); ``find
 ``scripts/recipe_attempts.py``); ``headline`` (metrics.json and the frontier); ``faithful`` (results/faithful/,
 written by ``scripts/faithful.py``); ``full-grid``
 (results/full-grid/earlier-gpu/, an earlier partial run on a GPU), ``full-grid-run`` (the run's records,
-results/full-grid/records/, written by ``scripts/full_grid.py run``); ``repro-time``, ``cold-repro``,
+results/full-grid/records/, written by ``scripts/full_grid.py run``), ``full-grid-results`` (the complete
+run, results/full-grid/, written by ``scripts/full_grid.py publish``); ``repro-time``, ``cold-repro``,
 ``benchmark``, ``numerics`` and ``pins-cost`` (results/timings.json: what was measured, with which command, on
 which commit and machine).
 """
@@ -382,6 +383,30 @@ def full_grid_run_block() -> str:
     return "\n".join(lines)
 
 
+def full_grid_results_block(folder: Path = FULL_GRID) -> str:
+    """The complete run at full scale (``folder``, written by ``full_grid.py publish``) beside the default
+    run: each variant's configuration and test accuracy, and the findings whose verdict differs."""
+    if not (folder / "dvc.lock").exists():
+        return "Not published yet: the run above is under way."
+    acc, found = (json.loads((folder / "comparison.json").read_text())["default"][k] for k in ("accuracy", "findings"))
+    lines = [
+        "| variant | default subset: test accuracy [95% CI] | full grid: test accuracy [95% CI] | full grid: "
+        "configuration | same configuration |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for v, a in acc.items():
+        d, f = a["default"], a["full"]
+        lines.append(
+            f"| {v} | {pct(d['accuracy_mean'])}% [{pct(d['ci95_low'])}, {pct(d['ci95_high'])}] | "
+            f"{pct(f['accuracy_mean'])}% [{pct(f['ci95_low'])}, {pct(f['ci95_high'])}] | {config(f['config'])} | "
+            f"{'yes' if a['same_config'] else 'no'} |"
+        )
+    moved = [f"{c} ({'established' if r['full']['established'] else 'not established'} at full scale)"
+             for c, r in found.items() if r["moved"]]  # fmt: skip
+    verdicts = f"Findings whose verdict differs: {', '.join(moved)}." if moved else "Every finding keeps its verdict."
+    return "\n".join([*lines, "", f"{verdicts} (Holm-corrected t-test p < 0.05; `comparison.json`.)"])
+
+
 def timings() -> dict:
     return json.loads(TIMINGS.read_text())
 
@@ -573,6 +598,7 @@ BLOCKS = {
     "faithful": faithful_block,
     "full-grid": full_grid_block,
     "full-grid-run": full_grid_run_block,
+    "full-grid-results": full_grid_results_block,
     "repro-time": repro_time_block,
     "cold-repro": cold_repro_block,
     "benchmark": benchmark_block,

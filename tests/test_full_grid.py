@@ -14,6 +14,7 @@ import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
+from runpy import run_path
 
 from digitpairs.core import numerics
 from digitpairs.training.semantics import TrainConfig
@@ -213,3 +214,5 @@ def published_like_dvc_repro(repo: Path, records: Path, root: Path, dest: Path, 
     assert set(comp["earlier_gpu"]["ranking"]) == {"earlier_gpu", "full"}
     summary = pd.read_csv(dest / "cv_summary.csv")
     assert len(summary) == 2 + 2 * 2 and set(summary["n_draws"]) == {TINY["cv"]["n_draws"]}
+    block = run_path(str(REPO / "scripts/readme.py"))["full_grid_results_block"](dest)  # docs/full-grid.md's
+    assert block.count("| yes |") == len(acc) and "Every finding keeps its verdict." in block, block
