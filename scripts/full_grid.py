@@ -146,6 +146,19 @@ def restore(records: Path, ckpts: Path) -> int:
     return n
 
 
+def remap(ckpts: Path, takeovers: list[dict]) -> None:
+    """A root's checkpoints under the keys of the run's commit, each trial once, where a takeover changed the
+    code digest since they were written (else the next piece would count their trials twice)."""
+    for f in sorted(ckpts.glob("*.jsonl")):
+        done = Checkpoint(f).done
+        rows = {current_key(k, takeovers): r | {"key": current_key(k, takeovers)} for k, r in done.items()}
+        if rows.keys() != done.keys():
+            new = f.with_suffix(".remapped")
+            new.unlink(missing_ok=True)
+            Checkpoint(new).extend(list(rows.values()))
+            new.replace(f)
+
+
 def git(*args: str) -> str:
     return subprocess.run(["git", "-C", str(REPO), *args], check=True, capture_output=True, text=True).stdout.strip()
 
@@ -470,6 +483,7 @@ def start_piece(args: argparse.Namespace) -> tuple[Path, dict, Piece]:
     os.environ["MNIST_MIRROR"] = str(Path(args.mnist).resolve())
     piece = Piece(records, root / "data/checkpoints", state["commit"], args.device)
     piece.save(args.commit, recovered=True)  # finished trials of a piece killed on this machine
+    remap(piece.ckpts, takeovers_of(records))
     restored = restore(records, piece.ckpts)
     piece.start = piece.counts()
     log(f"the stages of {state['commit'][:12]} run in {root}; {restored} carried trials restored, "
