@@ -361,8 +361,12 @@ def full_grid_run_block() -> str:
     done = ", ".join(f"{stem} {n:,}" + (f" of {totals[stem]:,}" if stem in totals else "") for stem, n in
                      sorted(held.items()))  # fmt: skip
     proj, hours = timings()["numerics_benchmark"], sum(q["training_s"] for q in pieces) / 3600
+    took = "".join(f" (it took over from `{t['from'][:7]}` after {t['audit']['equal']} of {t['audit']['trials']} "
+                   f"carried trials, {t['audit']['shapes']} shapes, trained again to the same weights)"
+                   for t in run.get("takeovers", []))  # fmt: skip
     lines = [
-        f"Commit `{run['commit'][:7]}`, `train.device: {s['train.device']}`, `train.numerics: {s['train.numerics']}`; "
+        f"Commit `{run['commit'][:7]}`{took}, `train.device: {s['train.device']}`, "
+        f"`train.numerics: {s['train.numerics']}`; "
         f"the records hold {sum(held.values()):,} trials ({done}), from {hours:.1f} h of training over "
         f"{len(pieces)} pieces. `benchmarks/numerics.py` projects the whole study at "
         f"{proj['full_study_projected_h']:.1f} h on {proj['machine']} (commit `{proj['commit']}`).",
