@@ -79,15 +79,14 @@ def against_default(full: Path, default: Path) -> dict:
     return {"accuracy": accuracy, "findings": findings}
 
 
-def compress_large(dest: Path) -> list[str]:
-    """Every published file over :data:`LARGEST` as ``NAME.gz`` instead; their names (dvc.lock hashes the
-    uncompressed bytes: ``gunzip`` gives them back)."""
+def compress_large(dest: Path) -> None:
+    """Every published file over :data:`LARGEST` as ``NAME.gz`` instead (dvc.lock hashes the uncompressed
+    bytes: ``gunzip`` gives them back)."""
     large = [f for f in sorted(dest.rglob("*")) if f.is_file() and f.stat().st_size > LARGEST
              and f.relative_to(dest).parts[0] not in KEEP]  # fmt: skip
     for f in large:
         f.with_name(f.name + ".gz").write_bytes(gzip.compress(f.read_bytes(), mtime=0))
         f.unlink()
-    return [str(f.relative_to(dest)) for f in large]
 
 
 def write(dest: Path, tar: tarfile.TarFile, default: Path, earlier: Path | None) -> None:
