@@ -371,8 +371,8 @@ def full_grid_run_block() -> str:
         f"{len(pieces)} pieces. `benchmarks/numerics.py` projects the whole study at "
         f"{proj['full_study_projected_h']:.1f} h on {proj['machine']} (commit `{proj['commit']}`).",
         "",
-        "| piece (UTC) | CPU | AVX-512 | trials computed | training time | trainings/s | audit |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "| piece (UTC) | commit | CPU | AVX-512 | trials computed | training time | trainings/s | audit |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for q in pieces:
         a = q["audit"] or {}
@@ -380,7 +380,8 @@ def full_grid_run_block() -> str:
                  else f"not needed ({a['why']})" if a else "not reached")  # fmt: skip
         computed = f"{q['computed']:,}" + (f" (+{q['recovered']:,} recovered)" if q["recovered"] else "")
         lines.append(
-            f"| {q['started'][:16].replace('T', ' ')} | {q['cpu']['model']}, {q['cpu']['cpus']} CPUs | "
+            f"| {q['started'][:16].replace('T', ' ')} | `{q['commit'][:7]}` | "
+            f"{q['cpu']['model']}, {q['cpu']['cpus']} CPUs | "
             f"{'yes' if q['cpu']['avx512'] else 'no'} | {computed} | {q['training_s'] / 3600:.2f} h | "
             f"{q['trainings_per_s'] or 0:.2f} | {audit} |"
         )
