@@ -149,9 +149,12 @@ def restore(records: Path, ckpts: Path) -> int:
 def remap(ckpts: Path, takeovers: list[dict]) -> None:
     """A root's checkpoints under the keys of the run's commit, each trial once, where a takeover changed the
     code digest since they were written (else the next piece would count their trials twice)."""
-    for f in sorted(ckpts.glob("*.jsonl")):
+    for f in sorted(ckpts.glob("*.jsonl")) if takeovers else []:  # without a takeover every key is current
         done = Checkpoint(f).done
-        rows = {current_key(k, takeovers): r | {"key": current_key(k, takeovers)} for k, r in done.items()}
+        rows = {}
+        for r in done.values():
+            key = current_key(r["key"], takeovers)
+            rows[key] = r | {"key": key}
         if rows.keys() != done.keys():
             new = f.with_suffix(".remapped")
             new.unlink(missing_ok=True)
