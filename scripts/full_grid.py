@@ -61,7 +61,7 @@ FULL_GRID = {"data.n_draws": 10, "cv.n_draws": 10, "loss_weights.n_draws": 10, "
              "cv.lr": [0.001, 0.01, 0.1, 0.25, 1.0]}  # fmt: skip
 RECORDS = REPO / "results/full-grid/records"
 EARLIER = REPO / "results/full-grid/earlier-gpu"  # an earlier run on a GPU, older code, partial: compared with
-PAGE = REPO / "docs/full-grid.md"  # its full-grid-run block shows the records
+PAGES = (REPO / "docs/full-grid.md", REPO / "README.md")  # their full-grid-run and full-scale blocks show the records
 NOT_KEPT = ("data/mnist", "data/pairs", "models_out/models")  # inputs, or too large for OUT
 RESERVE = 30  # seconds of the budget kept for the records and archives
 AUDIT_SAMPLE = 24  # carried trials trained again on a CPU unlike those that computed them
@@ -166,23 +166,26 @@ def git(*args: str) -> str:
     return subprocess.run(["git", "-C", str(REPO), *args], check=True, capture_output=True, text=True).stdout.strip()
 
 
-def render_page() -> bool:
-    """docs/full-grid.md's blocks rewritten by the checkout's scripts/readme.py as it is now (a child process:
-    a piece runs for hours while the checkout changes); a failure is said, and the records go without it."""
-    code = "import sys, pathlib, readme; p = pathlib.Path(sys.argv[1]); p.write_text(readme.render(p.read_text()))"
-    done = subprocess.run([sys.executable, "-c", code, str(PAGE)], cwd=REPO / "scripts", capture_output=True, text=True)
+def render_pages(pages: list[Path]) -> bool:
+    """``pages``' blocks rewritten by the checkout's scripts/readme.py as it is now (a child process: a piece
+    runs for hours while the checkout changes); a failure is said, and the records go without them."""
+    code = "import sys, pathlib, readme\nfor p in map(pathlib.Path, sys.argv[1:]):\n"
+    code += "    p.write_text(readme.render(p.read_text()))"
+    done = subprocess.run([sys.executable, "-c", code, *map(str, pages)], cwd=REPO / "scripts", capture_output=True,
+                          text=True)  # fmt: skip
     if done.returncode:
-        log(f"warning: {PAGE.name} not rewritten ({done.stderr.strip()[-300:]}); run scripts/readme.py by hand")
+        log(f"warning: pages not rewritten ({done.stderr.strip()[-300:]}); run scripts/readme.py by hand")
     return done.returncode == 0
 
 
 def commit_records(records: Path, message: str) -> None:
-    """Commit ``records`` alone (other staged or changed files stay as they are), with the page that shows
-    them (docs/full-grid.md, its blocks rewritten by scripts/readme.py) where that page had no other
-    change; retried while another git command holds the index."""
+    """Commit ``records`` alone (other staged or changed files stay as they are), with the pages that show
+    them (:data:`PAGES`, their blocks rewritten by scripts/readme.py) where a page had no other change;
+    retried while another git command holds the index."""
     paths = [str(records)]
-    if records.resolve() == RECORDS.resolve() and not git("status", "--porcelain", "--", str(PAGE)) and render_page():
-        paths.append(str(PAGE))
+    if records.resolve() == RECORDS.resolve():
+        clean = [page for page in PAGES if not git("status", "--porcelain", "--", str(page))]
+        paths += [str(page) for page in clean] if clean and render_pages(clean) else []
     for attempt in range(10):
         try:
             git("add", "--", *paths)

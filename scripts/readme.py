@@ -8,15 +8,18 @@ Blocks (each in exactly one page): ``results`` (models_out/metrics.json); ``find
 ``scripts/recipe_attempts.py``); ``headline`` (metrics.json and the frontier); ``faithful`` (results/faithful/,
 written by ``scripts/faithful.py``); ``full-grid``
 (results/full-grid/earlier-gpu/, an earlier partial run on a GPU), ``full-grid-run`` (the run's records,
-results/full-grid/records/, written by ``scripts/full_grid.py run``), ``full-grid-results`` (the complete
-run, results/full-grid/, written by ``scripts/full_grid.py publish``); ``repro-time``, ``cold-repro``,
+results/full-grid/records/, written by ``scripts/full_grid.py run``), ``full-scale`` and ``full-grid-results``
+(the README's summary and the details of the complete run, results/full-grid/, written by
+``scripts/full_grid.py publish``; the run's progress until then); ``repro-time``, ``cold-repro``,
 ``benchmark``, ``numerics`` and ``pins-cost`` (results/timings.json: what was measured, with which command, on
 which commit and machine).
 """
 
 from __future__ import annotations
 
+import gzip
 import json
+import os
 import re
 import sys
 from pathlib import Path
@@ -277,25 +280,23 @@ def full_grid_block() -> str:
         "",
         *_full_grid_selection(comp),
     ]
-    ranking = {k: " > ".join(v) for k, v in comp["ranking"].items()}
-    lines += [
-        "",
-        f"Ranking by mean CV accuracy over the grid: default subset {ranking['default']}; full grid {ranking['full']}.",
-    ]
     return "\n".join(lines)
 
 
-def _full_grid_selection(comp: dict) -> list[str]:
-    """Two tables: each variant's selected configuration, and each grid dimension's best value, on the
-    default subset against the full grid."""
+def _full_grid_selection(
+    comp: dict, names: tuple[str, str] = ("default", "full"), labels: tuple[str, str] = ("default subset", "full grid")
+) -> list[str]:
+    """Two tables and the ranking from a comparison of two grids (``names`` its keys, ``labels`` their
+    words): each variant's selected configuration, and each grid dimension's best value, one against the other."""
+    (a, b), (la, lb) = names, labels
     lines = [
-        "| variant | selected on the default subset | CV score | selected on the full grid | CV score |",
+        f"| variant | selected on the {la} | CV score | selected on the {lb} | CV score |",
         "| --- | --- | --- | --- | --- |",
     ]
     for variant, c in comp["variants"].items():
         lines.append(
-            f"| {variant} | {config(c['default']['config'])} | {pct(c['default']['score'])}% | "
-            f"{config(c['full']['config'])} | {pct(c['full']['score'])}% |"
+            f"| {variant} | {config(c[a]['config'])} | {pct(c[a]['score'])}% | "
+            f"{config(c[b]['config'])} | {pct(c[b]['score'])}% |"
         )
     lines += [
         "",
@@ -303,12 +304,10 @@ def _full_grid_selection(comp: dict) -> list[str]:
         "| --- |" + " --- |" * len(comp["variants"]),
     ]
     for dim in comp["dimensions"]:
-        cells = [
-            f"{comp['variants'][v]['best'][dim]['default']} / {comp['variants'][v]['best'][dim]['full']}"
-            for v in comp["variants"]
-        ]
-        lines.append(f"| {dim} (default subset / full grid) | " + " | ".join(cells) + " |")
-    return lines
+        best = [comp["variants"][v]["best"][dim] for v in comp["variants"]]
+        lines.append(f"| {dim} ({la} / {lb}) | " + " | ".join(f"{d[a]} / {d[b]}" for d in best) + " |")
+    ranking = {k: " > ".join(v) for k, v in comp["ranking"].items()}
+    return [*lines, "", f"Ranking by mean CV accuracy over the grid: {la} {ranking[a]}; {lb} {ranking[b]}."]
 
 
 def _full_grid_tuning(g: dict) -> list[str]:
@@ -345,18 +344,22 @@ def _full_grid_tuning(g: dict) -> list[str]:
     return [timing, check]
 
 
-def full_grid_run_block() -> str:
-    """The run of the original's study at full scale on CPUs: its commit, what its records hold, and
-    each piece's machine, trials, speed and audit (results/full-grid/records/, scripts/full_grid.py)."""
-    import gzip
-
-    run = json.loads((FULL_GRID_RECORDS / "run.json").read_text())
-    pieces = json.loads((FULL_GRID_RECORDS / "pieces.json").read_text())
+def records_held(records: Path = FULL_GRID_RECORDS) -> dict[str, int]:
+    """The trials the full-grid run's records hold, per checkpoint file (``cv-pair``, ``controls``, ...)."""
     held: dict[str, int] = {}
-    for part in sorted(FULL_GRID_RECORDS.glob("part-*.jsonl.gz")):
+    for part in sorted(records.glob("part-*.jsonl.gz")):
         for line in gzip.decompress(part.read_bytes()).decode().splitlines():
             stem = json.loads(line)["checkpoint"]
             held[stem] = held.get(stem, 0) + 1
+    return held
+
+
+def full_grid_run_block() -> str:
+    """The run of the original's study at full scale on CPUs: its commit, what its records hold, and
+    each piece's machine, trials, speed and audit (results/full-grid/records/, scripts/full_grid.py)."""
+    run = json.loads((FULL_GRID_RECORDS / "run.json").read_text())
+    pieces = json.loads((FULL_GRID_RECORDS / "pieces.json").read_text())
+    held = records_held()
     s, totals = run["settings"], run["trainings"]
     done = ", ".join(f"{stem} {n:,}" + (f" of {totals[stem]:,}" if stem in totals else "") for stem, n in
                      sorted(held.items()))  # fmt: skip
@@ -388,28 +391,82 @@ def full_grid_run_block() -> str:
     return "\n".join(lines)
 
 
-def full_grid_results_block(folder: Path = FULL_GRID) -> str:
-    """The complete run at full scale (``folder``, written by ``full_grid.py publish``) beside the default
-    run: each variant's configuration and test accuracy, and the findings whose verdict differs."""
-    if not (folder / "dvc.lock").exists():
-        return "Not published yet: the run above is under way."
-    acc, found = (json.loads((folder / "comparison.json").read_text())["default"][k] for k in ("accuracy", "findings"))
+def published(folder: Path = FULL_GRID) -> dict | None:
+    """The complete full-grid run's comparison.json (``full_grid.py publish``), or None before it is published."""
+    return json.loads((folder / "comparison.json").read_text()) if (folder / "dvc.lock").exists() else None
+
+
+def full_scale_block(folder: Path = FULL_GRID) -> str:
+    """README: the original's study at full scale beside the default run (each variant's test accuracy and
+    configuration, the findings whose verdict moved), or, while it is computed, how far it got."""
+    comp, run = published(folder), json.loads((FULL_GRID_RECORDS / "run.json").read_text())
+    pieces = json.loads((FULL_GRID_RECORDS / "pieces.json").read_text())
+    s, total, held = run["settings"], sum(run["trainings"].values()), records_held()
+    grid = "; ".join(f"{k.removeprefix('cv.')} in {{{', '.join(f'{x:g}' for x in s[k])}}}"
+                     for k in ("cv.nbch1", "cv.nbch2", "cv.nbfch", "cv.lr"))  # fmt: skip
+    intro = (f"The original's grid ({grid}; BN and skip connections on/off; all {s['cv.n_draws']} draws "
+             f"cross-validated: {total:,} trainings), then the sweep, the gradient norms and the final training "
+             "at its selections, computed in pieces on any CPUs or GPU and carried between machines in git "
+             "(`scripts/full_grid.py run --mnist DIR`; [full grid](docs/full-grid.md))")  # fmt: skip
+    if comp is None:
+        done = sum(held.get(stem, 0) for stem in run["trainings"])
+        return f"{intro}: {done:,} of {total:,} trainings committed so far."
+    hours = sum(q["training_s"] for q in pieces) / 3600
+    intro += f": {len(pieces)} pieces, {hours:.1f} h of training, {sum(held.values()):,} trainings in all."
+    acc, found = comp["default"]["accuracy"], comp["default"]["findings"]
     lines = [
-        "| variant | default subset: test accuracy [95% CI] | full grid: test accuracy [95% CI] | full grid: "
-        "configuration | same configuration |",
-        "| --- | --- | --- | --- | --- |",
+        "| variant | default: test accuracy [95% CI] | full grid: test accuracy [95% CI] | full grid: "
+        "selected configuration (same as default) |",
+        "| --- | --- | --- | --- |",
     ]
     for v, a in acc.items():
         d, f = a["default"], a["full"]
         lines.append(
             f"| {v} | {pct(d['accuracy_mean'])}% [{pct(d['ci95_low'])}, {pct(d['ci95_high'])}] | "
-            f"{pct(f['accuracy_mean'])}% [{pct(f['ci95_low'])}, {pct(f['ci95_high'])}] | {config(f['config'])} | "
-            f"{'yes' if a['same_config'] else 'no'} |"
+            f"{pct(f['accuracy_mean'])}% [{pct(f['ci95_low'])}, {pct(f['ci95_high'])}] | {config(f['config'])} "
+            f"({'yes' if a['same_config'] else 'no'}) |"
         )
-    moved = [f"{c} ({'established' if r['full']['established'] else 'not established'} at full scale)"
+    moved = [f"{CLAIMS.get(c, c)} ({'established' if r['full']['established'] else 'not established'} at full scale)"
              for c, r in found.items() if r["moved"]]  # fmt: skip
-    verdicts = f"Findings whose verdict differs: {', '.join(moved)}." if moved else "Every finding keeps its verdict."
-    return "\n".join([*lines, "", f"{verdicts} (Holm-corrected t-test p < 0.05; `comparison.json`.)"])
+    verdicts = f"Findings whose verdict differs: {'; '.join(moved)}." if moved else "Every finding keeps its verdict."
+    return "\n".join([intro, "", *lines, "", f"{verdicts} (Holm-corrected t-test p < 0.05.)"])
+
+
+def effect(r: dict) -> str:
+    """A finding's effect with its CI and Holm-corrected p: ``+3.53 [+2.09, +4.97], p 0.0025``."""
+    return f"{pts(r['mean'])} [{pts(r['ci95_low'])}, {pts(r['ci95_high'])}], p {pval(r['p_t_holm'])}"
+
+
+def full_grid_results_block(folder: Path = FULL_GRID) -> str:
+    """docs/full-grid.md: the complete run at full scale (``folder``, written by ``full_grid.py publish``) in
+    detail: its selections against the default subset's, every finding on both, and what moved against the
+    earlier GPU run."""
+    comp = published(folder)
+    if comp is None:
+        return "Not published yet: the run above is under way."
+    lines = [*_full_grid_selection(comp["default"]), "",
+             "| claim | default run: effect (points) [95% CI], p | full grid: effect [95% CI], p | verdict |",
+             "| --- | --- | --- | --- |"]  # fmt: skip
+    for c, r in comp["default"]["findings"].items():
+        verdict = "established" if r["full"]["established"] else "not established"
+        lines.append(f"| {CLAIMS.get(c, c)} | {effect(r['default'])} | {effect(r['full'])} | {verdict}"
+                     f"{' (moved)' if r['moved'] else ''} |")  # fmt: skip
+    figures = {f.stem: os.path.relpath(f, DOCS) for f in sorted((folder / "plots").glob("*.png"))}
+    if figures:
+        links = ", ".join(f"[{name}]({path})" for name, path in figures.items())
+        lines += [
+            "",
+            f"The figures at full scale: {links}.",
+            "",
+            f"![The findings at full scale]({figures['findings']})",
+        ]
+    if "earlier_gpu" in comp:
+        gpu = comp["earlier_gpu"]
+        same = [v for v, c in gpu["variants"].items() if c["earlier_gpu"]["config"] == c["full"]["config"]]
+        lines += ["", f"Against the earlier GPU run's complete combinations (its own numerics): {len(same)} of "
+                  f"{len(gpu['variants'])} variants select the same configuration.", "",
+                  *_full_grid_selection(gpu, ("earlier_gpu", "full"), ("earlier GPU run", "full grid"))]  # fmt: skip
+    return "\n".join(lines)
 
 
 def timings() -> dict:
@@ -604,6 +661,7 @@ BLOCKS = {
     "full-grid": full_grid_block,
     "full-grid-run": full_grid_run_block,
     "full-grid-results": full_grid_results_block,
+    "full-scale": full_scale_block,
     "repro-time": repro_time_block,
     "cold-repro": cold_repro_block,
     "benchmark": benchmark_block,

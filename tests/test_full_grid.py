@@ -26,6 +26,7 @@ import yaml
 
 from tests.conftest import SHARED_MNIST
 from tests.e2e import REPO, TINY, env, full_grid_module, pipeline_outputs, sh
+from tests.test_readme import README_LINES
 
 # the tiny params as `-S KEY=VALUE` over the script's full grid (JSON is YAML)
 TINY_SETTINGS = [f"-S{section}.{key}={json.dumps(value)}" for section, values in TINY.items()
@@ -216,5 +217,14 @@ def published_like_dvc_repro(repo: Path, records: Path, root: Path, dest: Path, 
     assert set(comp["earlier_gpu"]["ranking"]) == {"earlier_gpu", "full"}
     summary = pd.read_csv(dest / "cv_summary.csv")
     assert len(summary) == 2 + 2 * 2 and set(summary["n_draws"]) == {TINY["cv"]["n_draws"]}
-    block = run_path(str(REPO / "scripts/readme.py"))["full_grid_results_block"](dest)  # docs/full-grid.md's
-    assert block.count("| yes |") == len(acc) and "Every finding keeps its verdict." in block, block
+    readme = run_path(str(REPO / "scripts/readme.py"))
+    summary = readme["full_scale_block"](dest)  # the README's, which must keep it short
+    assert summary.count("(yes) |") == len(acc) and "Every finding keeps its verdict." in summary, summary
+    text = (REPO / "README.md").read_text()
+    text = readme["block_pattern"]("full-scale").sub(lambda m: m.group(1) + summary + "\n" + m.group(2), text)
+    assert len(text.splitlines()) <= README_LINES
+    detail = readme["full_grid_results_block"](dest)  # docs/full-grid.md's
+    assert detail.count("established |") == len(found) and "(moved)" not in detail, detail
+    figures = re.findall(r"\]\(([^)]+\.png)\)", detail)
+    assert len(figures) == 1 + len(list((dest / "plots").glob("*.png"))) > 1, detail
+    assert all((REPO / "docs" / f).exists() for f in figures), figures
