@@ -42,6 +42,14 @@ def write_inputs(root: Path, n_steps: int = 30) -> None:
     """Tiny inputs in the schemas the other stages write (see dvc.yaml), under ``root``."""
     (root / "data/cv").mkdir(parents=True, exist_ok=True)
     (root / "models_out").mkdir(parents=True, exist_ok=True)
+    write_cv(root)
+    write_loss_weights(root)
+    write_grad_norms(root, n_steps)
+    write_results(root)
+
+
+def write_cv(root: Path) -> None:
+    """data/cv/{pair,siamese}.csv: every combination of CV_GRID, two draws, scores from ``_score``."""
     for arch, variants in (("pair", ["pair"]), ("siamese", ["siamese-2", "siamese-10"])):
         rows = []
         for values in itertools.product(*CV_GRID.values()):
@@ -61,6 +69,10 @@ def write_inputs(root: Path, n_steps: int = 30) -> None:
                     }
                 )
         pd.DataFrame(rows).to_csv(root / f"data/cv/{arch}.csv", index=False)
+
+
+def write_loss_weights(root: Path) -> None:
+    """data/loss_weights.csv: three exponents and no auxiliary loss, three draws."""
     lw = []
     for e in [0, -1, -2, None]:
         w10 = 0.0 if e is None else 10.0**e
@@ -80,6 +92,10 @@ def write_inputs(root: Path, n_steps: int = 30) -> None:
                 }
             )
     pd.DataFrame(lw).to_csv(root / "data/loss_weights.csv", index=False)
+
+
+def write_grad_norms(root: Path, n_steps: int) -> None:
+    """data/grad_norms.csv: per layer and step, norms falling with depth and step, with and without skips."""
     gn = []
     for variant, bn, skip in itertools.product(["pair", "siamese-2"], [True, False], [True, False]):
         layers = ["conv1.weight", "conv2.weight", "fc1.weight", "fc2.weight"] + (["skip1.weight"] if skip else [])
@@ -97,6 +113,10 @@ def write_inputs(root: Path, n_steps: int = 30) -> None:
                 }
             )
     pd.DataFrame(gn).to_csv(root / "data/grad_norms.csv", index=False)
+
+
+def write_results(root: Path) -> None:
+    """models_out/: metrics.json, findings.json, test_scores.csv and confusion.csv."""
     metrics = {
         v: {
             "accuracy_mean": m,
