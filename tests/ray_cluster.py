@@ -307,19 +307,15 @@ def listening() -> list[str]:
     return sorted({line.split()[3].rsplit(":", 1)[0] for line in cp.stdout.splitlines()})
 
 
-def main(repo: Path, work: Path, report_path: Path) -> None:
-    report: dict = {}
-
-    def save() -> None:
-        report_path.write_text(json.dumps(report, indent=1, sort_keys=True))
-
+def driver_env(repo: Path, work: Path) -> dict:
+    """The driver's environment, once this process is known to be in a loopback-only network namespace."""
     subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
-    report["interfaces"] = [name for _, name in socket.if_nameindex()]
-    if report["interfaces"] != ["lo"]:
-        raise SystemExit(f"not in a loopback-only network namespace: {report['interfaces']}")
+    interfaces = [name for _, name in socket.if_nameindex()]
+    if interfaces != ["lo"]:
+        raise SystemExit(f"not in a loopback-only network namespace: {interfaces}")
     (work / "home").mkdir(parents=True, exist_ok=True)
     (work / "auth_token").write_text(os.urandom(32).hex())
-    driver = {
+    return {
         **os.environ,
         "HOME": str(work / "home"),
         "RAY_AUTH_MODE": "token",
@@ -327,20 +323,76 @@ def main(repo: Path, work: Path, report_path: Path) -> None:
         "RAY_USAGE_STATS_ENABLED": "0",
         "PYTHONPATH": str(repo),
     }
-    clusters = []
+
+
+def started(c: Cluster, driver: dict, work: Path) -> dict:
+    """Start ``c``; what a job sees on it (pinned and unpinned runtime env), and whether a node imports the
+    project without the job's runtime env."""
+    t = time.monotonic()
+    c.start()
+    report = {"start": run_probe(c, 2, driver)}
+    report["start"]["seconds"] = round(time.monotonic() - t, 1)
+    report["start"]["listening"] = listening()
+    report["unpinned"] = run_probe(c, 2, driver, "unpinned")
+    cp = subprocess.run(
+        [c.py, "-c", "import digitpairs"], cwd=work / "worker1", env=node_env(work), capture_output=True, text=True
+    )
+    report["node_imports_digitpairs"] = cp.stderr.strip().splitlines()[-1:] or ["imported"]
+    return report
+
+
+def worker_killed(c: Cluster, repo: Path, env: dict) -> dict:
+    """A worker node dies mid-grid: SIGKILL its whole process group after two trials are recorded."""
+    s = Stage(repo, env)
+    s.wait_rows(2)
+    deadline = time.monotonic() + 60
+    while not c.busy("worker1") and time.monotonic() < deadline:  # kill it while it trains
+        time.sleep(0.05)
+    busy = c.busy("worker1")
+    before = len(ckpt_rows(repo))
+    t_kill = c.kill("worker1")
+    t_next = s.wait_rows(before + 1)
+    res = {**s.finish(), "rows_at_kill": before, "was_training": busy, "kill_to_next_row_s": round(t_next - t_kill, 1)}
+    res["kill_to_end_s"] = round(time.monotonic() - t_kill, 1)
+    return res
+
+
+def head_killed(c: Cluster, repo: Path, env: dict) -> dict:
+    """The head dies mid-grid: the stage must stop by itself, with one line."""
+    c.worker(3)
+    s = Stage(repo, env)
+    s.wait_rows(1)
+    # Workers paused first: the trials left take about as long as noticing the lost head (2 checks,
+    # a second apart), so on a loaded machine they could all finish first and the stage, rightly, succeed.
+    c.pause("worker2", "worker3")
+    t_kill = c.kill(f"head-{c.port}")
+    res = s.finish(timeout=180)
+    res["kill_to_exit_s"] = round(time.monotonic() - t_kill, 1)
+    return res
+
+
+def closed_port(repo: Path, driver: dict) -> dict:
+    """Nothing listens at the address."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    return Stage(repo, {**driver, "RAY_ADDRESS": f"127.0.0.1:{port}"}).finish(timeout=120) | {
+        "address": f"127.0.0.1:{port}"
+    }
+
+
+def main(repo: Path, work: Path, report_path: Path) -> None:
+    report: dict = {}
+
+    def save() -> None:
+        report_path.write_text(json.dumps(report, indent=1, sort_keys=True))
+
+    driver = driver_env(repo, work)
+    report["interfaces"] = [name for _, name in socket.if_nameindex()]
+    clusters = [Cluster(work, 6400)]
     try:
-        t = time.monotonic()
-        c = Cluster(work, 6400)
-        clusters.append(c)
-        c.start()
-        report["start"] = run_probe(c, 2, driver)
-        report["start"]["seconds"] = round(time.monotonic() - t, 1)
-        report["start"]["listening"] = listening()
-        report["unpinned"] = run_probe(c, 2, driver, "unpinned")
-        cp = subprocess.run(
-            [c.py, "-c", "import digitpairs"], cwd=work / "worker1", env=node_env(work), capture_output=True, text=True
-        )
-        report["node_imports_digitpairs"] = cp.stderr.strip().splitlines()[-1:] or ["imported"]
+        c = clusters[0]
+        report |= started(c, driver, work)
         save()
         env = {**driver, "RAY_ADDRESS": c.address}
 
@@ -350,37 +402,9 @@ def main(repo: Path, work: Path, report_path: Path) -> None:
         executor(repo, "ray")
         report["ray"] = Stage(repo, env).finish()
         save()
-
-        # A worker node dies mid-grid: SIGKILL its whole process group after two trials are recorded.
-        s = Stage(repo, env)
-        s.wait_rows(2)
-        deadline = time.monotonic() + 60
-        while not c.busy("worker1") and time.monotonic() < deadline:  # kill it while it trains
-            time.sleep(0.05)
-        busy = c.busy("worker1")
-        before = len(ckpt_rows(repo))
-        t_kill = c.kill("worker1")
-        t_next = s.wait_rows(before + 1)
-        report["worker_killed"] = {
-            **s.finish(),
-            "rows_at_kill": before,
-            "was_training": busy,
-            "kill_to_next_row_s": round(t_next - t_kill, 1),
-        }
-        report["worker_killed"]["kill_to_end_s"] = round(time.monotonic() - t_kill, 1)
+        report["worker_killed"] = worker_killed(c, repo, env)
         save()
-
-        # The head dies mid-grid: the stage must stop by itself, with one line.
-        c.worker(3)
-        s = Stage(repo, env)
-        s.wait_rows(1)
-        # Workers paused first: the trials left take about as long as noticing the lost head (2 checks,
-        # a second apart), so on a loaded machine they could all finish first and the stage, rightly, succeed.
-        c.pause("worker2", "worker3")
-        t_kill = c.kill(f"head-{c.port}")
-        res = s.finish(timeout=180)
-        res["kill_to_exit_s"] = round(time.monotonic() - t_kill, 1)
-        report["head_killed"] = res
+        report["head_killed"] = head_killed(c, repo, env)
         save()
         c.stop()
 
@@ -392,13 +416,7 @@ def main(repo: Path, work: Path, report_path: Path) -> None:
         report["restart_seconds"] = round(time.monotonic() - t, 1)
         report["rerun"] = Stage(repo, {**driver, "RAY_ADDRESS": c.address}, fresh=False).finish()
         save()
-
-        # Nothing listens at the address.
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            closed = sock.getsockname()[1]
-        report["closed_port"] = Stage(repo, {**driver, "RAY_ADDRESS": f"127.0.0.1:{closed}"}).finish(timeout=120)
-        report["closed_port"]["address"] = f"127.0.0.1:{closed}"
+        report["closed_port"] = closed_port(repo, driver)
         save()
     finally:
         for c in clusters:
