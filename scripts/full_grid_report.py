@@ -21,6 +21,7 @@ DIMENSIONS = {"nbch1": ("nbch1",), "nbch2": ("nbch2",), "nbfch": ("nbfch",), "lr
               "BN/skip": ("batch_norm", "skip_connections")}  # fmt: skip
 KEEP = ("records", "earlier-gpu")  # in the destination, not the publish's: the run's records, the earlier run
 LARGEST = 1 << 20  # bytes: a larger file is committed gzip-compressed (no timestamp: reproducible bytes)
+SCORES = ("score", "val_accuracy", "test_accuracy")  # a CV row's scores, compared trial by trial
 SIGNIFICANT = 0.05  # Holm-corrected t-test p below which a finding counts as established
 
 
@@ -41,6 +42,16 @@ def comparison(other: pd.DataFrame, full: pd.DataFrame, names: tuple[str, str] =
                 v["best"][dim][name] = "/".join(("on" if b else "off") if isinstance(b, bool | np.bool_) else f"{b:g}"
                                                 for b in (best if isinstance(best, tuple) else (best,)))  # fmt: skip
     return out
+
+
+def shared_trials(other: pd.DataFrame, full: pd.DataFrame) -> dict:
+    """The trials of another run's CV table (the default subset's) that the full grid trained too (same variant,
+    configuration and draw): how many, and those whose scores differ (none where a trial is the same bytes)."""
+    keys = ["variant", *study.CONFIG_KEYS, "draw"]
+    both = other.merge(full, on=keys, suffixes=("_other", "_full"))
+    same = np.logical_and.reduce([both[f"{c}_other"] == both[f"{c}_full"] for c in SCORES])
+    return {"trials": len(other), "in_full_grid": len(both), "scores_equal": int(same.sum()),
+            "differ": both.loc[~same, keys].to_dict("records")}  # fmt: skip
 
 
 def complete(cv: pd.DataFrame) -> pd.DataFrame:
@@ -99,7 +110,9 @@ def write(dest: Path, tar: tarfile.TarFile, default: Path, earlier: Path | None)
     tar.extractall(dest, filter="data")
     full = read_cv_tables(dest / "data/cv")
     write_csv(cv_summary(full), dest / "cv_summary.csv")
-    comp = {"default": comparison(read_cv_tables(default / "data/cv"), full) | against_default(dest, default)}
+    default_cv = read_cv_tables(default / "data/cv")
+    comp = {"default": comparison(default_cv, full) | against_default(dest, default)}
+    comp["default"]["shared_trials"] = shared_trials(default_cv, full)
     if earlier:
         gpu = complete(read_cv_tables(earlier / "cv", lambda f: pd.read_csv(f if f.exists() else f"{f}.gz")))
         comp["earlier_gpu"] = comparison(gpu, full, ("earlier_gpu", "full"))

@@ -444,7 +444,10 @@ def full_grid_results_block(folder: Path = FULL_GRID) -> str:
     comp = published(folder)
     if comp is None:
         return "Not published yet: the run above is under way."
-    lines = [*_full_grid_selection(comp["default"]), "",
+    t = comp["default"]["shared_trials"]
+    lines = [f"The default run's {t['trials']:,} cross-validation trials: {t['in_full_grid']:,} in the full grid, "
+             f"{t['scores_equal']:,} of them with equal scores (selection score, validation and test accuracy).", "",
+             *_full_grid_selection(comp["default"]), "",
              "| claim | default run: effect (points) [95% CI], p | full grid: effect [95% CI], p | verdict |",
              "| --- | --- | --- | --- |"]  # fmt: skip
     for c, r in comp["default"]["findings"].items():

@@ -214,6 +214,8 @@ def published_like_dvc_repro(repo: Path, records: Path, root: Path, dest: Path, 
     assert set(acc) == set(json.loads((tiny_built / "models_out/metrics.json").read_text()))
     assert all(a["same_config"] and a["difference"] == 0 for a in acc.values())
     assert found and not any(f["moved"] for f in found.values())
+    shared = comp["default"]["shared_trials"]
+    assert shared["trials"] == shared["in_full_grid"] == shared["scores_equal"] > 0 and not shared["differ"]
     assert set(comp["earlier_gpu"]["ranking"]) == {"earlier_gpu", "full"}
     summary = pd.read_csv(dest / "cv_summary.csv")
     assert len(summary) == 2 + 2 * 2 and set(summary["n_draws"]) == {TINY["cv"]["n_draws"]}
