@@ -17,6 +17,7 @@ which commit and machine).
 
 from __future__ import annotations
 
+import functools
 import gzip
 import json
 import os
@@ -344,6 +345,7 @@ def _full_grid_tuning(g: dict) -> list[str]:
     return [timing, check]
 
 
+@functools.cache  # two blocks show it; a page is rendered by a process of its own, after the records change
 def records_held(records: Path = FULL_GRID_RECORDS) -> dict[str, int]:
     """The trials the full-grid run's records hold, per checkpoint file (``cv-pair``, ``controls``, ...)."""
     held: dict[str, int] = {}
@@ -400,7 +402,6 @@ def full_scale_block(folder: Path = FULL_GRID) -> str:
     """README: the original's study at full scale beside the default run (each variant's test accuracy and
     configuration, the findings whose verdict moved), or, while it is computed, how far it got."""
     comp, run = published(folder), json.loads((FULL_GRID_RECORDS / "run.json").read_text())
-    pieces = json.loads((FULL_GRID_RECORDS / "pieces.json").read_text())
     s, total, held = run["settings"], sum(run["trainings"].values()), records_held()
     grid = "; ".join(f"{k.removeprefix('cv.')} in {{{', '.join(f'{x:g}' for x in s[k])}}}"
                      for k in ("cv.nbch1", "cv.nbch2", "cv.nbfch", "cv.lr"))  # fmt: skip
@@ -411,6 +412,7 @@ def full_scale_block(folder: Path = FULL_GRID) -> str:
     if comp is None:
         done = sum(held.get(stem, 0) for stem in run["trainings"])
         return f"{intro}: {done:,} of {total:,} trainings committed so far."
+    pieces = json.loads((FULL_GRID_RECORDS / "pieces.json").read_text())
     hours = sum(q["training_s"] for q in pieces) / 3600
     intro += f": {len(pieces)} pieces, {hours:.1f} h of training, {sum(held.values()):,} trainings in all."
     acc, found = comp["default"]["accuracy"], comp["default"]["findings"]
@@ -426,10 +428,14 @@ def full_scale_block(folder: Path = FULL_GRID) -> str:
             f"{pct(f['accuracy_mean'])}% [{pct(f['ci95_low'])}, {pct(f['ci95_high'])}] | {config(f['config'])} "
             f"({'yes' if a['same_config'] else 'no'}) |"
         )
-    moved = [f"{CLAIMS.get(c, c)} ({'established' if r['full']['established'] else 'not established'} at full scale)"
-             for c, r in found.items() if r["moved"]]  # fmt: skip
+    moved = [f"{CLAIMS.get(c, c)} ({verdict(r['full'])} at full scale)" for c, r in found.items() if r["moved"]]
     verdicts = f"Findings whose verdict differs: {'; '.join(moved)}." if moved else "Every finding keeps its verdict."
     return "\n".join([intro, "", *lines, "", f"{verdicts} (Holm-corrected t-test p < 0.05.)"])
+
+
+def verdict(r: dict) -> str:
+    """A finding's verdict on one run of comparison.json (``established``: Holm-corrected t-test p < 0.05)."""
+    return "established" if r["established"] else "not established"
 
 
 def effect(r: dict) -> str:
@@ -451,8 +457,7 @@ def full_grid_results_block(folder: Path = FULL_GRID) -> str:
              "| claim | default run: effect (points) [95% CI], p | full grid: effect [95% CI], p | verdict |",
              "| --- | --- | --- | --- |"]  # fmt: skip
     for c, r in comp["default"]["findings"].items():
-        verdict = "established" if r["full"]["established"] else "not established"
-        lines.append(f"| {CLAIMS.get(c, c)} | {effect(r['default'])} | {effect(r['full'])} | {verdict}"
+        lines.append(f"| {CLAIMS.get(c, c)} | {effect(r['default'])} | {effect(r['full'])} | {verdict(r['full'])}"
                      f"{' (moved)' if r['moved'] else ''} |")  # fmt: skip
     figures = {f.stem: os.path.relpath(f, DOCS) for f in sorted((folder / "plots").glob("*.png"))}
     if figures:
@@ -680,9 +685,9 @@ def block_pattern(name: str) -> re.Pattern:
     return re.compile(rf"(<!-- {name}:begin -->\n).*?(<!-- {name}:end -->)", re.S)
 
 
-def render(text: str) -> str:
-    """``text`` with every block it holds rewritten from the result files."""
-    for name, block in BLOCKS.items():
+def render(text: str, blocks: dict = BLOCKS) -> str:
+    """``text`` with every block it holds rewritten from the result files (by ``blocks``' functions)."""
+    for name, block in blocks.items():
         pattern = block_pattern(name)
         if pattern.search(text):
             text = pattern.sub(lambda m, b=block: m.group(1) + b() + "\n" + m.group(2), text)

@@ -220,11 +220,10 @@ def published_like_dvc_repro(repo: Path, records: Path, root: Path, dest: Path, 
     summary = pd.read_csv(dest / "cv_summary.csv")
     assert len(summary) == 2 + 2 * 2 and set(summary["n_draws"]) == {TINY["cv"]["n_draws"]}
     readme = run_path(str(REPO / "scripts/readme.py"))
-    summary = readme["full_scale_block"](dest)  # the README's, which must keep it short
-    assert summary.count("(yes) |") == len(acc) and "Every finding keeps its verdict." in summary, summary
-    text = (REPO / "README.md").read_text()
-    text = readme["block_pattern"]("full-scale").sub(lambda m: m.group(1) + summary + "\n" + m.group(2), text)
-    assert len(text.splitlines()) <= README_LINES
+    table = readme["full_scale_block"](dest)  # the README's, which must keep it short
+    assert table.count("(yes) |") == len(acc) and "Every finding keeps its verdict." in table, table
+    text = readme["render"]((REPO / "README.md").read_text(), {"full-scale": lambda: table})
+    assert table in text and len(text.splitlines()) <= README_LINES
     detail = readme["full_grid_results_block"](dest)  # docs/full-grid.md's
     assert detail.count("established |") == len(found) and "(moved)" not in detail, detail
     figures = re.findall(r"\]\(([^)]+\.png)\)", detail)
