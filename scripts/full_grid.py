@@ -255,22 +255,68 @@ def totals(p: dict) -> dict[str, int]:
     return {f"cv-{a}": len(study.grid(p["cv"])) * p["cv"]["n_draws"] * len(variants_of(a)) for a in GRID_ARCHS}
 
 
-def progress(done: dict[str, int], p: dict, start: dict[str, int], seconds: float) -> dict:
-    """Trials done per checkpoint file (of its total, for the grid), this piece's trainings per second,
-    and the grid's time left at that rate."""
-    new = sum(done.values()) - sum(start.values())
-    rate = new / seconds if seconds > 0 else 0.0
-    left = sum(max(0, n - done.get(stem, 0)) for stem, n in totals(p).items())
-    return {"done": {s: {"trials": n, "of": totals(p).get(s)} for s, n in done.items()}, "this_piece": new,
-            "trainings_per_s": round(rate, 2), "grid_left": left,
-            "grid_left_h": round(left / rate / 3600, 1) if rate else None,
+def trial_flops(t: Trial) -> float:
+    """FLOPs of training and scoring ``t``: benchmarks/lockstep.py's count, the progress's cost model (imported
+    here: the children that compute in --root, the audit's and the equivalence check's, have no benchmarks/)."""
+    from benchmarks.lockstep import trial_flops as flops
+
+    return flops(t)
+
+
+def grid_flops(p: dict) -> float:
+    """The FLOPs of the grid's trainings (``benchmarks.lockstep.trial_flops``): the widths grow along the
+    grid, and a piece computes FLOPs at a steadier rate than trainings (docs/full-grid.md, 'Progress')."""
+    return sum(trial_flops(t) for a in GRID_ARCHS for t in study.cv_trials(a, p))
+
+
+class Tally:
+    """Trials and their FLOPs in each checkpoint file of ``ckpts``, read as the files grow: the progress
+    reads them every 15 s, and a full grid's files hold tens of thousands of lines."""
+
+    def __init__(self, ckpts: Path) -> None:
+        self.ckpts, self.seen = ckpts, {}  # stem -> (inode, bytes read, trials, FLOPs)
+
+    def __call__(self) -> dict[str, tuple[int, float]]:
+        for f in sorted(self.ckpts.glob("*.jsonl")):
+            st = f.stat()
+            inode, read, n, flops = self.seen.get(f.stem, (st.st_ino, 0, 0, 0.0))
+            if inode != st.st_ino or st.st_size < read:  # rewritten (Checkpoint drops torn lines): read again
+                inode, read, n, flops = st.st_ino, 0, 0, 0.0
+            with f.open("rb") as fh:
+                fh.seek(read)
+                data = fh.read()
+            lines = data[: data.rfind(b"\n") + 1]  # whole lines: the last may be being written
+            for line in lines.splitlines():
+                try:
+                    flops += trial_flops(trial_of(json.loads(line)["row"]["trial"]))
+                    n += 1
+                except (ValueError, KeyError, TypeError):
+                    pass  # a torn or damaged line: the stage recomputes its trial
+            self.seen[f.stem] = (inode, read + len(lines), n, flops)
+        return {stem: (n, flops) for stem, (_, _, n, flops) in self.seen.items()}
+
+
+def progress(
+    done: dict[str, tuple[int, float]], p: dict, start: dict[str, tuple[int, float]], seconds: float, total_flops: float
+) -> dict:
+    """Trials done per checkpoint file (of its total, for the grid), this piece's trainings and FLOPs per
+    second, and the grid's time left: its FLOPs left (of ``total_flops``) at this piece's FLOP rate."""
+    new, new_flops = (sum(d[i] for d in done.values()) - sum(d[i] for d in start.values()) for i in (0, 1))
+    rate, flop_rate = (x / seconds if seconds > 0 else 0.0 for x in (new, new_flops))
+    grid = totals(p)
+    left = sum(max(0, n - done.get(stem, (0, 0.0))[0]) for stem, n in grid.items())
+    left_flops = max(0.0, total_flops - sum(done.get(stem, (0, 0.0))[1] for stem in grid)) if left else 0.0
+    return {"done": {s: {"trials": n, "of": grid.get(s)} for s, (n, _) in done.items()}, "this_piece": new,
+            "trainings_per_s": round(rate, 2), "gflop_per_s": round(flop_rate / 1e9, 1), "grid_left": left,
+            "grid_left_h": round(left_flops / flop_rate / 3600, 1) if flop_rate else None,
             "updated": time.strftime("%Y-%m-%d %H:%M:%S %Z")}  # fmt: skip
 
 
 def progress_line(q: dict) -> str:
     parts = [f"{s} {d['trials']:,}" + (f" of {d['of']:,}" if d["of"] else "") for s, d in q["done"].items()]
     eta = f"{q['grid_left_h']} h" if q["grid_left_h"] is not None else "unknown"
-    return f"{'; '.join(parts) or 'no trial yet'}; {q['trainings_per_s']} trainings/s; grid left {eta}"
+    rate = f"{q['trainings_per_s']} trainings/s" + (f" ({q['gflop_per_s']} GFLOP/s)" if "gflop_per_s" in q else "")
+    return f"{'; '.join(parts) or 'no trial yet'}; {rate}; grid left {eta}"
 
 
 def stop_stage(stopped: threading.Event) -> None:
@@ -436,10 +482,12 @@ class Piece:
                       "audit": None, "computed": 0, "recovered": 0, "training_s": 0.0, "trainings_per_s": None,
                       "parts": [], "stopped_by": None, "ended": None}  # fmt: skip
         self.trains_since: float | None = None  # set once the training stages begin
+        self.counts, self.grid_flops = Tally(ckpts), 0.0
         self.start = self.counts()
 
-    def counts(self) -> dict[str, int]:
-        return {f.stem: sum(1 for _ in f.open()) for f in sorted(self.ckpts.glob("*.jsonl"))}
+    def progress(self, p: dict) -> dict:
+        self.grid_flops = self.grid_flops or grid_flops(p)
+        return progress(self.counts(), p, self.start, self.training_s(), self.grid_flops)
 
     def training_s(self) -> float:
         return self.entry["training_s"] + (time.perf_counter() - self.trains_since if self.trains_since else 0.0)
@@ -467,7 +515,7 @@ class Piece:
         every ``every`` s."""
         last = shown = time.perf_counter()
         while not done.wait(15):
-            q = progress(self.counts(), p, self.start, self.training_s())
+            q = self.progress(p)
             write_json(q, OUT / "progress.json")
             if time.perf_counter() - last > every:
                 self.save(commit)
@@ -558,7 +606,7 @@ def finish(root: Path, p: dict, piece: Piece, prov: dict, tuning: dict, failed: 
     piece.entry["ended"] = utc()
     piece.entry["stopped_by"] = "complete" if prov["complete"] else "error" if failed else "budget or signal"
     piece.save(commit)
-    q = progress(piece.counts(), p, piece.start, piece.entry["training_s"])
+    q = piece.progress(p)
     write_json(q, OUT / "progress.json")
     log(progress_line(q))
     prov["grid_complete"] = all(q["done"].get(s, {}).get("trials", 0) >= n for s, n in totals(p).items())
