@@ -18,6 +18,7 @@ and must give the same weights digests.
 """
 
 import argparse
+import fcntl
 import gzip
 import hashlib
 import json
@@ -200,6 +201,20 @@ def commit_records(records: Path, message: str) -> None:
 
 
 # --- a piece: the run's commit's stages, with the run's params ------------------------------------------
+
+
+def hold(folder: Path, what: str) -> None:
+    """An exclusive lock on ``folder`` for the rest of this process: a second piece on the same root would
+    rewrite the stages' code and checkpoints under the first, and one on the same records its pieces.json.
+    The kernel releases it however the process ends, SIGKILL included: no stale lock."""
+    folder.mkdir(parents=True, exist_ok=True)
+    fd = os.open(folder, os.O_RDONLY)  # not inherited: the stages' processes do not hold it
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise SystemExit(f"error: {what} {folder} is in use by another piece or takeover on this machine: "
+                         f"let it end (`python scripts/full_grid.py status` shows its progress) or stop it "
+                         f"(`kill -TERM` its pid, from `pgrep -f full_grid.py`), then rerun") from None  # fmt: skip
 
 
 def run_state(args: argparse.Namespace) -> dict:
@@ -414,6 +429,9 @@ def takeover(args: argparse.Namespace) -> None:
     code digests it maps, so the carried trials resume under it); ``--dry-run`` only reports."""
     global OUT
     records, root = Path(args.records), Path(args.root)
+    hold(root, "the root")
+    if not args.dry_run:  # it writes run.json
+        hold(records, "the records")
     OUT = Path(args.out or root / "out")
     OUT.mkdir(parents=True, exist_ok=True)
     state = json.loads((records / "run.json").read_text())
@@ -535,6 +553,8 @@ def start_piece(args: argparse.Namespace) -> tuple[Path, dict, Piece]:
     global OUT
     os.nice(args.nice)  # the stages and their workers inherit it: other work on the machine goes first
     records, root = Path(args.records), Path(args.root)
+    hold(records, "the records")
+    hold(root, "the root")
     OUT = Path(args.out or root / "out")
     OUT.mkdir(parents=True, exist_ok=True)
     state = run_state(args)

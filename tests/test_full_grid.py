@@ -1,8 +1,9 @@
 """`scripts/full_grid.py`, the study at full scale in pieces, run on the CPU with the tiny params of
-tests/e2e.py: a piece its budget stops (its records committed), one SIGKILLed mid-stage, one that
-recovers what the killed one left on its machine, passes the audit a CPU unlike the records' demands and
-writes the bytes `dvc repro` writes; a fresh machine whose records were tampered with stops at the audit,
-naming the trial; then `publish`."""
+tests/e2e.py: a piece its budget stops (its records committed), one SIGKILLed mid-stage (a second piece
+beside it refused), one that recovers what the killed one left on its machine, passes the audit a CPU
+unlike the records' demands and writes the bytes `dvc repro` writes; a fresh machine whose records were
+tampered with stops at the audit, naming the trial; then `publish`. And the committed records, trained
+again on this machine"""
 
 import gzip
 import json
@@ -57,6 +58,19 @@ def as_other_cpu(records: Path) -> None:
     (records / "pieces.json").write_text(json.dumps([q | {"cpu": q["cpu"] | OTHER_CPU} for q in pieces]))
 
 
+def refused_beside(repo: Path, root: Path, common: list[str]) -> None:
+    """While a piece trains: a second one on its records, or on its root with other records, is refused
+    within seconds, touching neither (its prepare() would replace the root's code, its restore the
+    checkpoints the first is writing)."""
+    for args, what in (([], "the records"), (["--records", str(root.parent / "other-records")], "the root")):
+        t, code, held = time.monotonic(), (root / "digitpairs").stat().st_ino, lines(root / "data/checkpoints")
+        second = script(repo, "run", "--root", str(root), *common, *args, check=False)
+        assert second.returncode == 1 and f"error: {what} " in second.stderr, second.stderr[-2000:]
+        assert "is in use by another piece" in second.stderr and time.monotonic() - t < 30
+        assert (root / "digitpairs").stat().st_ino == code and lines(root / "data/checkpoints") >= held
+    assert not any((root.parent / "other-records").iterdir())
+
+
 def killed_mid_stage(repo: Path, root: Path, common: list[str]) -> int:
     """A piece SIGKILLed (with its stage and workers) once it checkpointed a trial of its own; the number
     of trials its root then holds."""
@@ -70,6 +84,8 @@ def killed_mid_stage(repo: Path, root: Path, common: list[str]) -> int:
         if before is not None and lines(ckpts) > before:
             break
         time.sleep(0.2)
+    if before is not None and lines(ckpts) > before:  # training: a second piece beside it is refused
+        refused_beside(repo, root, common)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert before is not None and lines(ckpts) > before, "the piece checkpointed no trial of its own in 120 s"
