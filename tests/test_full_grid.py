@@ -3,7 +3,7 @@ tests/e2e.py: a piece its budget stops (its records committed), one SIGKILLed mi
 beside it refused), one that recovers what the killed one left on its machine, passes the audit a CPU
 unlike the records' demands and writes the bytes `dvc repro` writes; a fresh machine whose records were
 tampered with stops at the audit, naming the trial; then `publish`. And the committed records, trained
-again on this machine give the bytes they carry."""
+again on this machine, give the bytes they carry."""
 
 import gzip
 import json
