@@ -280,7 +280,7 @@ def trial_flops(t: Trial) -> float:
 
 def grid_flops(p: dict) -> float:
     """The FLOPs of the grid's trainings (``benchmarks.lockstep.trial_flops``): the widths grow along the
-    grid, and a piece computes FLOPs at a steadier rate than trainings (docs/full-grid.md, 'Progress')."""
+    grid, and a piece computes FLOPs at a steadier rate than trainings (docs/full-grid.md, 'Shows progress')."""
     return sum(trial_flops(t) for a in GRID_ARCHS for t in study.cv_trials(a, p))
 
 
