@@ -700,12 +700,19 @@ def publish(args: argparse.Namespace) -> None:
     if not archive.exists():
         raise SystemExit(f"error: no {archive}: give the --root (or --out) of the piece that completed the run, "
                          "or run a piece here (every trial resumes; the stages after the grid run again)")  # fmt: skip
+    if missing := report.missing_default(Path(args.default)):
+        raise SystemExit(f"error: --default {args.default} lacks the default run's {', '.join(missing)}, which the "
+                         "comparison reads: run `make repro` (or `dvc pull`) there first, or give a workspace that "
+                         "has them")  # fmt: skip
     with tarfile.open(archive) as tar:
         if "dvc.lock" not in tar.getnames():
             raise SystemExit(f"error: {archive} is from a piece that did not finish every stage (it has no dvc.lock): "
                              "rerun `run` (every finished trial resumes) until it ends `complete`")  # fmt: skip
         earlier = Path(args.earlier) if args.earlier != "none" else None
-        report.write(Path(args.dest), tar, Path(args.default), earlier)
+        try:
+            report.write(Path(args.dest), tar, Path(args.default), earlier)
+        except (OSError, ValueError, KeyError) as err:
+            raise SystemExit(f"error: publish failed ({type(err).__name__}: {err}); {args.dest} is as it was") from None
     print(f"published {args.dest}")
 
 

@@ -8,10 +8,11 @@ import gzip
 import json
 import shutil
 import tarfile
+import tempfile
 from pathlib import Path
 
 from digitpairs.core.io import finite_or_null, read_cv_tables, write_csv, write_json
-from digitpairs.core.variants import STUDY_VARIANTS
+from digitpairs.core.variants import GRID_ARCHS, STUDY_VARIANTS
 from digitpairs.training import study
 
 import numpy as np
@@ -69,6 +70,12 @@ def cv_summary(cv: pd.DataFrame) -> pd.DataFrame:
     return out.reset_index()
 
 
+def missing_default(default: Path) -> list[str]:
+    """The default run's outputs that the comparison reads and the workspace ``default`` lacks."""
+    names = [f"data/cv/{arch}.csv" for arch in GRID_ARCHS] + ["models_out/metrics.json", "models_out/findings.json"]
+    return [name for name in names if not (default / name).exists()]
+
+
 def against_default(full: Path, default: Path) -> dict:
     """The default subset's run (a workspace: ``default``) against the full one (``full``, as published):
     each variant's configuration and final test accuracy, and each finding, on both."""
@@ -103,18 +110,33 @@ def compress_large(dest: Path) -> None:
 def write(dest: Path, tar: tarfile.TarFile, default: Path, earlier: Path | None) -> None:
     """``dest`` anew (but :data:`KEEP`): the complete run's outputs, params.yaml and dvc.lock from the last
     piece's archive ``tar``; the CV summary; the comparison with the ``default`` subset's run (a workspace
-    holding its outputs) and with the ``earlier`` partial GPU run (its published folder), if given."""
-    for old in (f for f in (dest.iterdir() if dest.exists() else []) if f.name not in KEEP):
+    holding its outputs) and with the ``earlier`` partial GPU run (its published folder), if given. Written
+    beside ``dest`` first: a publish that fails leaves ``dest`` as it was."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=dest.parent, prefix=f".{dest.name}-") as tmp:
+        new = Path(tmp)
+        tar.extractall(new, filter="data")
+        full = read_cv_tables(new / "data/cv")
+        write_csv(cv_summary(full), new / "cv_summary.csv")
+        default_cv = read_cv_tables(default / "data/cv")
+        comp = {"default": comparison(default_cv, full) | against_default(new, default)}
+        comp["default"]["shared_trials"] = shared_trials(default_cv, full)
+        if earlier:
+            gpu = complete(read_cv_tables(earlier / "cv", lambda f: pd.read_csv(f if f.exists() else f"{f}.gz")))
+            comp["earlier_gpu"] = comparison(gpu, full, ("earlier_gpu", "full"))
+        write_json(finite_or_null(comp), new / "comparison.json")
+        compress_large(new)
+        swap(new, dest)
+
+
+def swap(new: Path, dest: Path) -> None:
+    """``new``'s entries in place of ``dest``'s (but :data:`KEEP`), dvc.lock last: a folder with a dvc.lock
+    is a published run (scripts/readme.py), so one cut short is not taken for one: the old dvc.lock goes
+    first, the new one last."""
+    olds = sorted((f for f in (dest.iterdir() if dest.exists() else []) if f.name not in KEEP),
+                  key=lambda f: f.name != "dvc.lock")  # fmt: skip
+    for old in olds:
         shutil.rmtree(old) if old.is_dir() else old.unlink()
-    dest.mkdir(parents=True, exist_ok=True)
-    tar.extractall(dest, filter="data")
-    full = read_cv_tables(dest / "data/cv")
-    write_csv(cv_summary(full), dest / "cv_summary.csv")
-    default_cv = read_cv_tables(default / "data/cv")
-    comp = {"default": comparison(default_cv, full) | against_default(dest, default)}
-    comp["default"]["shared_trials"] = shared_trials(default_cv, full)
-    if earlier:
-        gpu = complete(read_cv_tables(earlier / "cv", lambda f: pd.read_csv(f if f.exists() else f"{f}.gz")))
-        comp["earlier_gpu"] = comparison(gpu, full, ("earlier_gpu", "full"))
-    write_json(finite_or_null(comp), dest / "comparison.json")
-    compress_large(dest)
+    dest.mkdir(exist_ok=True)
+    for f in sorted(new.iterdir(), key=lambda f: f.name == "dvc.lock"):
+        f.rename(dest / f.name)

@@ -233,12 +233,32 @@ def taken_over_by_a_later_commit(
     assert json.loads((records / "run.json").read_text()) == run
 
 
+def refused_without_the_default_run(repo: Path, publish: list[str], dest: Path, tiny_built: Path) -> None:
+    """`publish` with a --default that lacks the default run's outputs, or holds a damaged one, says so and
+    leaves the published folder as it was, with nothing beside it."""
+    before = {f: f.read_bytes() for f in dest.rglob("*") if f.is_file()}
+    damaged = dest.parent / "damaged-default"
+    for name in ("data/cv/pair.csv", "data/cv/siamese.csv", "models_out/findings.json"):
+        (damaged / name).parent.mkdir(parents=True, exist_ok=True)
+        (damaged / name).write_bytes((tiny_built / name).read_bytes())
+    (damaged / "models_out/metrics.json").write_text('{"pair": ')  # cut short
+    (dest.parent / "empty").mkdir()
+    for default, why in ((dest.parent / "empty", "lacks the default run's data/cv/pair.csv, data/cv/siamese.csv"),
+                         (damaged, "publish failed (JSONDecodeError")):  # fmt: skip
+        bad = script(repo, *publish, "--default", str(default), check=False)
+        assert bad.returncode == 1 and f"error: {why}" in bad.stderr.replace(f"--default {default} ", ""), bad.stderr
+        assert {f: f.read_bytes() for f in dest.rglob("*") if f.is_file()} == before
+        assert not list(dest.parent.glob(f".{dest.name}-*"))  # the unfinished publish's folder is gone
+
+
 def published_like_dvc_repro(repo: Path, records: Path, root: Path, dest: Path, tiny_built: Path) -> None:
     """`publish` of the complete run: its own dvc.lock (`dvc commit`) holds the output hashes `dvc repro`
     wrote, the outputs are its bytes, and the comparisons with the default run (here: the same tiny
     run, so nothing moved) and with the earlier GPU run are written."""
-    script(repo, "publish", "--root", str(root), "--records", str(records), "--dest", str(dest),
-           "--default", str(tiny_built), "--earlier", str(REPO / "results/full-grid/earlier-gpu"))  # fmt: skip
+    publish = ["publish", "--root", str(root), "--records", str(records), "--dest", str(dest),
+               "--earlier", str(REPO / "results/full-grid/earlier-gpu")]  # fmt: skip
+    script(repo, *publish, "--default", str(tiny_built))
+    refused_without_the_default_run(repo, publish, dest, tiny_built)
     ours, theirs = (yaml.safe_load((d / "dvc.lock").read_text())["stages"] for d in (dest, tiny_built))
     assert {s: v["outs"] for s, v in ours.items()} == {s: v["outs"] for s, v in theirs.items()}
     assert yaml.safe_load((dest / "params.yaml").read_text())["cv"]["lr"] == TINY["cv"]["lr"]
