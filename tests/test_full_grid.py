@@ -59,8 +59,8 @@ def as_other_cpu(records: Path) -> None:
 
 
 def refused_beside(repo: Path, root: Path, common: list[str]) -> None:
-    """While a piece trains: a second one on its records, or on its root with other records, is refused
-    within seconds, touching neither (its prepare() would replace the root's code, its restore the
+    """While a piece is under way (stopped mid-training): a second one on its records, or on its root with
+    other records, is refused within seconds, touching neither (its prepare() would replace the root's code, its restore the
     checkpoints the first is writing)."""
     for args, what in (([], "the records"), (["--records", str(root.parent / "other-records")], "the root")):
         t, code, held = time.monotonic(), (root / "digitpairs").stat().st_ino, lines(root / "data/checkpoints")
@@ -85,6 +85,7 @@ def killed_mid_stage(repo: Path, root: Path, common: list[str]) -> int:
             break
         time.sleep(0.2)
     if before is not None and lines(ckpts) > before:  # training: a second piece beside it is refused
+        os.killpg(proc.pid, signal.SIGSTOP)  # held where it is (and its locks with it) for the SIGKILL after
         refused_beside(repo, root, common)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
