@@ -60,8 +60,8 @@ def as_other_cpu(records: Path) -> None:
 
 def refused_beside(repo: Path, root: Path, common: list[str]) -> None:
     """While a piece is under way (stopped mid-training): a second one on its records, or on its root with
-    other records, is refused within seconds, touching neither (its prepare() would replace the root's code, its restore the
-    checkpoints the first is writing)."""
+    other records, is refused within seconds, touching neither (its prepare() would replace the root's
+    code, its restore the checkpoints the first is writing)."""
     for args, what in (([], "the records"), (["--records", str(root.parent / "other-records")], "the root")):
         t, code, held = time.monotonic(), (root / "digitpairs").stat().st_ino, lines(root / "data/checkpoints")
         second = script(repo, "run", "--root", str(root), *common, *args, check=False)
