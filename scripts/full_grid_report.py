@@ -21,6 +21,7 @@ import pandas as pd
 DIMENSIONS = {"nbch1": ("nbch1",), "nbch2": ("nbch2",), "nbfch": ("nbfch",), "lr": ("lr",),
               "BN/skip": ("batch_norm", "skip_connections")}  # fmt: skip
 KEEP = ("records", "earlier-gpu")  # in the destination, not the publish's: the run's records, the earlier run
+METRICS, FINDINGS = "models_out/metrics.json", "models_out/findings.json"  # a run's, as against_default reads them
 LARGEST = 1 << 20  # bytes: a larger file is committed gzip-compressed (no timestamp: reproducible bytes)
 SCORES = ("score", "val_accuracy", "test_accuracy")  # a CV row's scores, compared trial by trial
 SIGNIFICANT = 0.05  # Holm-corrected t-test p below which a finding counts as established
@@ -72,15 +73,15 @@ def cv_summary(cv: pd.DataFrame) -> pd.DataFrame:
 
 def missing_default(default: Path) -> list[str]:
     """The default run's outputs that the comparison reads and the workspace ``default`` lacks."""
-    names = [f"data/cv/{arch}.csv" for arch in GRID_ARCHS] + ["models_out/metrics.json", "models_out/findings.json"]
+    names = [f"data/cv/{arch}.csv" for arch in GRID_ARCHS] + [METRICS, FINDINGS]
     return [name for name in names if not (default / name).exists()]
 
 
 def against_default(full: Path, default: Path) -> dict:
     """The default subset's run (a workspace: ``default``) against the full one (``full``, as published):
     each variant's configuration and final test accuracy, and each finding, on both."""
-    metrics = [json.loads((d / "models_out/metrics.json").read_text()) for d in (default, full)]
-    claims = [json.loads((d / "models_out/findings.json").read_text())["claims"] for d in (default, full)]
+    metrics = [json.loads((d / METRICS).read_text()) for d in (default, full)]
+    claims = [json.loads((d / FINDINGS).read_text())["claims"] for d in (default, full)]
     accuracy = {}
     for v in metrics[1]:
         a, b = (m[v] for m in metrics)
