@@ -93,7 +93,8 @@ def pts(x: float | None, sign: bool = True) -> str:
 
 
 def pval(p: float | None) -> str:
-    return "n/a" if p is None else f"{p:.2g}"
+    """A p-value; 0 is one below the smallest float64 (about 1e-308), written as a bound rather than as 0."""
+    return "n/a" if p is None else "< 1e-300" if p == 0 else f"{p:.2g}"
 
 
 def findings_block() -> str:
@@ -372,7 +373,8 @@ def full_grid_run_block() -> str:
     lines = [
         f"Commit `{run['commit'][:7]}`{took}, `train.device: {s['train.device']}`, "
         f"`train.numerics: {s['train.numerics']}`; "
-        f"the records hold {sum(held.values()):,} trials ({done}), from {hours:.1f} h of training over "
+        f"the records hold {sum(held.values()):,} trials ({done}; a trial two stages share is held once), "
+        f"from {hours:.1f} h of training over "
         f"{len(pieces)} pieces. `benchmarks/numerics.py` projects the whole study at "
         f"{proj['full_study_projected_h']:.1f} h on {proj['machine']} (commit `{proj['commit']}`).",
         "",
@@ -414,7 +416,7 @@ def full_scale_block(folder: Path = FULL_GRID) -> str:
         return f"{intro}: {done:,} of {total:,} trainings committed so far."
     pieces = json.loads((FULL_GRID_RECORDS / "pieces.json").read_text())
     hours = sum(q["training_s"] for q in pieces) / 3600
-    intro += f": {len(pieces)} pieces, {hours:.1f} h of training, {sum(held.values()):,} trainings in all."
+    intro += f": {len(pieces)} pieces, {hours:.1f} h of training, {sum(held.values()):,} distinct trainings recorded."
     acc, found = comp["default"]["accuracy"], comp["default"]["findings"]
     lines = [
         "| variant | default: test accuracy [95% CI] | full grid: test accuracy [95% CI] | full grid: "

@@ -152,6 +152,52 @@ def test_the_committed_records_train_to_the_same_bytes_on_this_machine(tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
 
 
+PUBLISHED = REPO / "results/full-grid"
+
+
+def test_the_published_run_holds_the_bytes_its_lock_names(tmp_path):
+    """results/full-grid/ as published: every output its dvc.lock names is there (a file over 1 MiB as
+    NAME.gz) with the hash the lock gives it, by DVC's own hashing (scripts/check_outputs.py), but the
+    inputs and models a piece does not keep; the published files are the run's, not edited or stale."""
+    recompute = run_path(str(REPO / "scripts/check_outputs.py"))["recompute"]
+    from dvc.repo import Repo
+
+    lock, missing = yaml.safe_load((PUBLISHED / "dvc.lock").read_text()), []
+    with Repo(str(REPO)) as repo:
+        for out in (o for s in lock["stages"].values() for o in s.get("outs", [])):
+            path, packed = PUBLISHED / out["path"], PUBLISHED / f"{out['path']}.gz"
+            if packed.exists():
+                path = tmp_path / packed.stem
+                path.write_bytes(gzip.decompress(packed.read_bytes()))
+            if not path.exists():
+                missing.append(out["path"])
+                continue
+            assert recompute(repo, str(path))[0] == out["md5"], f"{out['path']} is not the bytes dvc.lock names"
+    assert sorted(missing) == sorted(full_grid_module().NOT_KEPT)
+
+
+def test_the_published_cv_tables_are_the_records():
+    """The published cross-validation tables hold one row per recorded grid trial, with the scores its
+    record carries: the records (what a machine recomputes and audits) and the tables (what the findings
+    and figures read) are one result."""
+    from digitpairs.core.io import read_cv_tables
+    from digitpairs.core.variants import variant_score
+
+    fg = full_grid_module()
+    cv = read_cv_tables(PUBLISHED / "data/cv", lambda f: pd.read_csv(f if f.exists() else f"{f}.gz"))
+    keys = ["variant", "nbch1", "nbch2", "nbfch", "batch_norm", "skip_connections", "lr", "draw"]
+    rows = []
+    for rec in fg.carried(PUBLISHED / "records").values():
+        if rec["checkpoint"].startswith("cv-"):
+            t, s = rec["row"]["trial"], rec["row"]["scores"]
+            rows.append({**{k: t["model"][k] for k in keys[1:6]}, "variant": t["variant"], "lr": t["train"]["lr"],
+                         "draw": t["draw"], "val": variant_score(t["variant"], s["val"]),
+                         "test": variant_score(t["variant"], s["test"])})  # fmt: skip
+    both = cv.merge(pd.DataFrame(rows), on=keys, how="outer", indicator=True, validate="one_to_one")
+    assert len(cv) == 38_400 and (both["_merge"] == "both").all()
+    assert (both["val_accuracy"] == both["val"]).all() and (both["test_accuracy"] == both["test"]).all()
+
+
 def test_the_audit_samples_both_architectures_and_every_shape_first():
     fg = full_grid_module()
     recs = [{"checkpoint": f"cv-{arch}", "row": {"trial": {"model": {"arch": arch, "nbch1": w}}, "key": f"{w}{d}"}}
