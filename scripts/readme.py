@@ -423,12 +423,12 @@ def full_scale_block(folder: Path = FULL_GRID) -> str:
         "selected configuration (same as default) |",
         "| --- | --- | --- | --- |",
     ]
-    for v, a in acc.items():
-        d, f = a["default"], a["full"]
+    for v in (v for v in VARIANTS if v in acc):  # in the results table's order
+        d, f = acc[v]["default"], acc[v]["full"]
         lines.append(
             f"| {v} | {pct(d['accuracy_mean'])}% [{pct(d['ci95_low'])}, {pct(d['ci95_high'])}] | "
             f"{pct(f['accuracy_mean'])}% [{pct(f['ci95_low'])}, {pct(f['ci95_high'])}] | {config(f['config'])} "
-            f"({'yes' if a['same_config'] else 'no'}) |"
+            f"({'yes' if acc[v]['same_config'] else 'no'}) |"
         )
     moved = [f"{CLAIMS.get(c, c)} ({verdict(r['full'])} at full scale)" for c, r in found.items() if r["moved"]]
     verdicts = f"Findings whose verdict differs: {'; '.join(moved)}." if moved else "Every finding keeps its verdict."
