@@ -182,16 +182,16 @@ def test_the_published_cv_tables_are_the_records():
     and figures read) are one result."""
     from digitpairs.core.io import read_cv_tables
     from digitpairs.core.variants import variant_score
+    from digitpairs.training.study import CONFIG_KEYS
 
     fg = full_grid_module()
     cv = read_cv_tables(PUBLISHED / "data/cv", lambda f: pd.read_csv(f if f.exists() else f"{f}.gz"))
-    keys = ["variant", "nbch1", "nbch2", "nbfch", "batch_norm", "skip_connections", "lr", "draw"]
-    rows = []
+    keys, rows = ["variant", *CONFIG_KEYS, "draw"], []
     for rec in fg.carried(PUBLISHED / "records").values():
         if rec["checkpoint"].startswith("cv-"):
             t, s = rec["row"]["trial"], rec["row"]["scores"]
-            rows.append({**{k: t["model"][k] for k in keys[1:6]}, "variant": t["variant"], "lr": t["train"]["lr"],
-                         "draw": t["draw"], "val": variant_score(t["variant"], s["val"]),
+            rows.append({**{k: (t["train"] if k == "lr" else t["model"])[k] for k in CONFIG_KEYS},
+                         "variant": t["variant"], "draw": t["draw"], "val": variant_score(t["variant"], s["val"]),
                          "test": variant_score(t["variant"], s["test"])})  # fmt: skip
     both = cv.merge(pd.DataFrame(rows), on=keys, how="outer", indicator=True, validate="one_to_one")
     assert len(cv) == 38_400 and (both["_merge"] == "both").all()
