@@ -108,6 +108,12 @@ def compress_large(dest: Path) -> None:
         f.unlink()
 
 
+def read_published_cv(folder: Path) -> pd.DataFrame:
+    """The CV tables of a published folder (``folder/<arch>.csv``), each as committed: a file over
+    :data:`LARGEST` is ``NAME.gz`` (:func:`compress_large`)."""
+    return read_cv_tables(folder, lambda f: pd.read_csv(f if f.exists() else f"{f}.gz"))
+
+
 def write(dest: Path, tar: tarfile.TarFile, default: Path, earlier: Path | None) -> None:
     """``dest`` anew (but :data:`KEEP`): the complete run's outputs, params.yaml and dvc.lock from the last
     piece's archive ``tar``; the CV summary; the comparison with the ``default`` subset's run (a workspace
@@ -123,7 +129,7 @@ def write(dest: Path, tar: tarfile.TarFile, default: Path, earlier: Path | None)
         comp = {"default": comparison(default_cv, full) | against_default(new, default)}
         comp["default"]["shared_trials"] = shared_trials(default_cv, full)
         if earlier:
-            gpu = complete(read_cv_tables(earlier / "cv", lambda f: pd.read_csv(f if f.exists() else f"{f}.gz")))
+            gpu = complete(read_published_cv(earlier / "cv"))
             comp["earlier_gpu"] = comparison(gpu, full, ("earlier_gpu", "full"))
         write_json(finite_or_null(comp), new / "comparison.json")
         compress_large(new)

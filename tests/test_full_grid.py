@@ -177,25 +177,22 @@ def test_the_published_run_holds_the_bytes_its_lock_names(tmp_path):
 
 
 def test_the_published_cv_tables_are_the_records():
-    """The published cross-validation tables hold one row per recorded grid trial, with the scores its
-    record carries: the records (what a machine recomputes and audits) and the tables (what the findings
-    and figures read) are one result."""
-    from digitpairs.core.io import read_cv_tables
-    from digitpairs.core.variants import variant_score
-    from digitpairs.training.study import CONFIG_KEYS
+    """The published cross-validation tables are the table the cv stage builds (``study.cv_table``) from the
+    records' trials: one row per recorded grid trial, with the scores its record carries. The records (what
+    a machine recomputes and audits) and the tables (what the findings and figures read) are one result."""
+    from digitpairs.training import study
+    from digitpairs.training.trials import Outcome
 
-    fg = full_grid_module()
-    cv = read_cv_tables(PUBLISHED / "data/cv", lambda f: pd.read_csv(f if f.exists() else f"{f}.gz"))
-    keys, rows = ["variant", *CONFIG_KEYS, "draw"], []
-    for rec in fg.carried(PUBLISHED / "records").values():
-        if rec["checkpoint"].startswith("cv-"):
-            t, s = rec["row"]["trial"], rec["row"]["scores"]
-            rows.append({**{k: (t["train"] if k == "lr" else t["model"])[k] for k in CONFIG_KEYS},
-                         "variant": t["variant"], "draw": t["draw"], "val": variant_score(t["variant"], s["val"]),
-                         "test": variant_score(t["variant"], s["test"])})  # fmt: skip
-    both = cv.merge(pd.DataFrame(rows), on=keys, how="outer", indicator=True, validate="one_to_one")
+    fg, score_on = full_grid_module(), yaml.safe_load((PUBLISHED / "params.yaml").read_text())["cv"]["score_on"]
+    cv = fg.report.read_published_cv(PUBLISHED / "data/cv")
+    recs = [r["row"] for r in fg.carried(PUBLISHED / "records").values() if r["checkpoint"].startswith("cv-")]
+    outcomes = [Outcome(fg.trial_of(r["trial"]), r["scores"], weights=r["weights"]) for r in recs]
+    table = study.cv_table(outcomes, score_on)
+    both = cv.merge(table, on=["variant", "arch", *study.CONFIG_KEYS, "draw", "score_on"], how="outer",
+                    indicator=True, validate="one_to_one", suffixes=("", "_records"))  # fmt: skip
     assert len(cv) == 38_400 and (both["_merge"] == "both").all()
-    assert (both["val_accuracy"] == both["val"]).all() and (both["test_accuracy"] == both["test"]).all()
+    for column in fg.report.SCORES:
+        assert (both[column] == both[f"{column}_records"]).all(), column
 
 
 def test_the_audit_samples_both_architectures_and_every_shape_first():
